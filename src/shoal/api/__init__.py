@@ -1,0 +1,1 @@
+"""The HTTP surface: OpenAI's client API and Shoal's operator API."""

@@ -1,0 +1,33 @@
+"""The route table and the aiohttp application around it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from shoal.api import openai, operator
+from shoal.api.errors import errors_middleware
+from shoal.api.state import NODE
+
+if TYPE_CHECKING:
+    from shoal.node import Node
+
+ROUTES = [
+    web.get("/v1/models", openai.list_models),
+    web.post("/v1/chat/completions", openai.chat_completions),
+    web.post("/v1/completions", openai.completions),
+    web.post("/v1/embeddings", openai.embeddings),
+    web.get("/healthz", operator.healthz),
+    web.get("/shoal/v1/status", operator.status),
+]
+
+
+def build_app(node: Node) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware],
+        client_max_size=node.settings.limits.max_body_bytes,
+    )
+    app[NODE] = node
+    app.add_routes(ROUTES)
+    return app

@@ -1,0 +1,80 @@
+"""The one place where errors become HTTP responses, in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import orjson
+from aiohttp import web
+
+from shoal.errors import (
+    BusyError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ShoalError,
+)
+
+log = logging.getLogger(__name__)
+
+
+def error_body(error: ShoalError) -> bytes:
+    return orjson.dumps(
+        {
+            "error": {
+                "message": error.message,
+                "type": error.type,
+                "param": error.param,
+                "code": error.code,
+            }
+        }
+    )
+
+
+def error_response(error: ShoalError, headers: dict[str, str] | None = None) -> web.Response:
+    all_headers = dict(headers or {})
+    if isinstance(error, BusyError):
+        all_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    return web.Response(
+        body=error_body(error),
+        status=error.status,
+        content_type="application/json",
+        headers=all_headers,
+    )
+
+
+def sse_error_event(error: ShoalError) -> bytes:
+    """An error inside a stream that has started: the OpenAI SDKs raise it as APIError."""
+    return b"data: " + error_body(error) + b"\n\n"
+
+
+def from_http_exception(exc: web.HTTPException) -> ShoalError:
+    """aiohttp's own refusals (routing, body size) in Shoal's terms."""
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge("request body is too large")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(f"method not allowed; use {', '.join(sorted(exc.allowed_methods))}")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("no such endpoint")
+    error = InvalidRequest(exc.reason or "bad request")
+    error.status = exc.status
+    return error
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: web.RequestHandler
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ShoalError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(from_http_exception(exc))
+    except Exception:
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        return error_response(ShoalError("internal error; see the node's log"))

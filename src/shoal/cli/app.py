@@ -1,0 +1,200 @@
+"""`shoal` subcommands: parse flags, call the node or its API, print for people or --json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shoal import settings as settings_mod
+from shoal.cli import client, config_file
+from shoal.errors import ConfigError
+
+app = typer.Typer(
+    name="shoal",
+    help="Turn the machines on a network into one OpenAI-compatible inference cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Read and change the configuration file.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="Config file (default ~/.config/shoal/config.toml).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+UrlOpt = Annotated[
+    str | None, typer.Option("--url", help="Node to ask (default: this machine's node).")
+]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(config: Path | None, **flags: Any) -> settings_mod.Settings:
+    try:
+        return settings_mod.load(config, **flags)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind (default 11450).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Identity and model store.")] = None,
+    config: ConfigOpt = None,
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(help="An OpenAI-compatible server URL to use (repeatable)."),
+    ] = None,
+    ollama: Annotated[
+        list[str] | None, typer.Option(help="An Ollama server URL to use (repeatable).")
+    ] = None,
+    no_embedded: Annotated[
+        bool, typer.Option("--no-embedded", help="Do not run the embedded engine.")
+    ] = False,
+    no_detect: Annotated[
+        bool, typer.Option("--no-detect", help="Do not look for servers on standard ports.")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="This node's name (default: hostname).")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Run a node: serve the models this machine holds on an OpenAI-compatible API."""
+    base = _load(config)
+    extra = [{"url": url, "kind": "openai"} for url in backend or ()]
+    extra += [{"url": url, "kind": "ollama"} for url in ollama or ()]
+    settings = _load(
+        config,
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        name=name,
+        log_level=log_level,
+        backends=[*(b.model_dump() for b in base.backends), *extra] if extra else None,
+        engine={**base.engine.model_dump(), "enabled": False} if no_embedded else None,
+        detect={**base.detect.model_dump(), "enabled": False} if no_detect else None,
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from shoal.node import serve as run_node
+
+    run_node(settings)
+
+
+@app.command()
+def status(url: UrlOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Show this node: backends, their health, models, requests in flight."""
+    document = _get(url, config, "/shoal/v1/status")
+    if as_json:
+        out.print_json(json.dumps(document))
+        return
+    out.print(
+        f"[bold]{document['name']}[/bold]  id {document['node_id'][:16]}…  "
+        f"v{document['version']}  up {document['uptime_s']:.0f} s  "
+        f"in flight {document['in_flight']}  {document['url']}",
+        highlight=False,
+    )
+    table = Table("backend", "kind", "where", "health", "models", "in flight")
+    for b in document["backends"]:
+        health = b["health"] + (f" ({b['reason']})" if b["reason"] else "")
+        colour = {"healthy": "green", "starting": "yellow"}.get(b["health"], "red")
+        table.add_row(
+            b["name"],
+            b["kind"] + (" (detected)" if b["detected"] else ""),
+            b["location"],
+            f"[{colour}]{health}[/{colour}]",
+            ", ".join(m["id"] for m in b["models"]),
+            str(b["in_flight"]),
+        )
+    out.print(table)
+
+
+@app.command()
+def models(url: UrlOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List the models this node can serve now."""
+    document = _get(url, config, "/v1/models")
+    if as_json:
+        out.print_json(json.dumps(document))
+        return
+    table = Table("model", "loaded", "size", "quant", "context", "serves", "nodes", "backends")
+    for m in document["data"]:
+        table.add_row(
+            m["id"],
+            "yes" if m.get("loaded") else "no",
+            _size(m.get("size_bytes")),
+            m.get("quantization") or "",
+            str(m.get("context_length") or ""),
+            ", ".join(m.get("operations") or ()),
+            ", ".join(m.get("nodes") or ()),
+            ", ".join(m.get("backends") or ()),
+        )
+    out.print(table)
+
+
+@config_app.command("get")
+def config_get(
+    key: Annotated[str | None, typer.Argument(help="Dotted key, e.g. engine.threads.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print the effective value of KEY (file, environment and defaults), or all settings."""
+    settings = _load(config)
+    document = settings.model_dump(mode="json")
+    if key is None:
+        out.print_json(json.dumps(document))
+        return
+    try:
+        value = config_file.lookup(document, key)
+    except KeyError:
+        raise _fail(f"no setting named {key!r}", 2) from None
+    out.print(json.dumps(value) if not isinstance(value, str) else value, highlight=False)
+
+
+@config_app.command("set")
+def config_set(
+    key: Annotated[str, typer.Argument(help="Dotted key, e.g. engine.threads.")],
+    value: Annotated[str, typer.Argument(help="New value (TOML syntax; bare words are text).")],
+    config: ConfigOpt = None,
+) -> None:
+    """Write KEY = VALUE into the config file, keeping its comments; checks it first."""
+    path = config or settings_mod.default_config_path()
+    try:
+        config_file.set_value(path, key, value)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    out.print(f"{key} = {value}  [dim]({path})[/dim]", highlight=False)
+
+
+def _get(url: str | None, config: Path | None, path: str) -> Any:
+    if url is None:
+        settings = _load(config)
+        url = f"http://127.0.0.1:{settings.port}"
+    try:
+        return client.get_json(url, path)
+    except client.NodeUnreachable as exc:
+        raise _fail(str(exc), 3) from None
+
+
+def _size(size: int | None) -> str:
+    if not size:
+        return ""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}"
+        size = size / 1000  # type: ignore[assignment]
+    return f"{size:.1f} TB"

@@ -1,0 +1,1 @@
+"""The embedded engine: real models from the package registry, in a supervised child."""

@@ -1,0 +1,254 @@
+"""The embedded engine as a Backend: a supervised child process on a Unix socket.
+
+Theory of operation: `run()` starts the child (`shoal.engine.worker`), waits until it
+answers its health check, then watches it. If the child exits (a crash in native code,
+SIGKILL, OOM) or stops answering its health check three times in a row (a hang), it is
+killed if need be and started again after a backoff that doubles from
+`restart_backoff_s` up to `restart_backoff_max_s`, and resets once a child has stayed up
+for a minute. While the child is not ready, `send` refuses with 503 and Retry-After;
+the node itself never goes down with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from shoal.backends.base import GENERATION, BackendStatus, Health, ModelInfo, Operation
+from shoal.backends.http import PROBE_ERRORS, HttpTransport, HttpUpstream
+from shoal.engine import assets
+from shoal.errors import BackendUnavailable, UpstreamFailed
+from shoal.settings import EngineSettings, LimitSettings
+
+log = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 5.0
+HEALTH_MISSES_BEFORE_KILL = 3
+STABLE_AFTER_S = 60.0  # a child up this long resets the restart backoff
+EMBEDDING_MODEL_ID = "all-MiniLM-L6-v2"
+EMBEDDING_MAX_TOKENS = 256
+
+
+class EngineBackend:
+    kind = "embedded"
+    location = "embedded"
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        limits: LimitSettings,
+        name: str = "embedded",
+    ) -> None:
+        self.name = name
+        self._settings = settings
+        # Told of every change of the child's state, at once (the node wires it to the
+        # registry, so a crash takes the models out of the index without waiting).
+        self.on_status: Callable[[BackendStatus], None] = lambda status: None
+        self._model_path = settings.model_path or assets.default_chat_model()
+        self._embedding_dir = settings.embedding_path or assets.default_embedding_model()
+        model_id, quantization = assets.model_id_of(self._model_path)
+        self.models = (
+            ModelInfo(
+                id=model_id,
+                size_bytes=self._model_path.stat().st_size,
+                quantization=quantization,
+                context_length=settings.context,
+                operations=GENERATION,
+            ),
+            ModelInfo(
+                id=EMBEDDING_MODEL_ID,
+                size_bytes=_size_of(self._embedding_dir),
+                context_length=EMBEDDING_MAX_TOKENS,
+                operations=frozenset({Operation.EMBEDDING}),
+            ),
+        )
+        self._run_dir = Path(tempfile.mkdtemp(prefix="shoal-engine-"))
+        self._socket = self._run_dir / "engine.sock"
+        self._transport = HttpTransport(
+            "http://engine",
+            unix_socket=str(self._socket),
+            connect_timeout_s=limits.connect_timeout_s,
+            read_timeout_s=limits.read_timeout_s,
+        )
+        self._process: asyncio.subprocess.Process | None = None
+        self._status = BackendStatus(Health.STARTING, self.models, reason="starting")
+        self.restarts = 0
+        self.last_exit: str | None = None
+
+    # -- Backend ------------------------------------------------------------------
+
+    async def probe(self) -> BackendStatus:
+        if self._status.health is not Health.HEALTHY:
+            return self._status
+        try:
+            health = await self._transport.get_json("/health")
+        except PROBE_ERRORS:
+            return BackendStatus(Health.DOWN, self.models, reason="not answering its health check")
+        return BackendStatus(Health.HEALTHY, self.models, detail=self._detail(health))
+
+    async def send(self, op: Operation, body: bytes) -> _EngineUpstream:
+        if self._status.health is not Health.HEALTHY:
+            raise BackendUnavailable(
+                f"the embedded engine is {self._status.reason}", retry_after=self._retry_after()
+            )
+        return _EngineUpstream(await self._transport.send(op, body))
+
+    async def aclose(self) -> None:
+        await self._stop_child()
+        await self._transport.aclose()
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    # -- supervision --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep a child running until cancelled."""
+        backoff = self._settings.restart_backoff_s
+        while True:
+            started = time.monotonic()
+            exit_reason = await self._run_child_once()
+            self.last_exit = exit_reason
+            if time.monotonic() - started > STABLE_AFTER_S:
+                backoff = self._settings.restart_backoff_s
+            log.error("embedded engine %s; restarting in %.1f s", exit_reason, backoff)
+            self._set(Health.DOWN, f"restarting after it {exit_reason}")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._settings.restart_backoff_max_s)
+            self.restarts += 1
+
+    async def _run_child_once(self) -> str:
+        self._set(Health.STARTING, "starting")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "shoal.engine.worker",
+            "--socket",
+            str(self._socket),
+            "--model",
+            str(self._model_path),
+            "--model-id",
+            self.models[0].id,
+            "--embedding-dir",
+            str(self._embedding_dir),
+            "--threads",
+            str(self._settings.threads),
+            "--context",
+            str(self._settings.context),
+            stdin=asyncio.subprocess.PIPE,  # closed by us, or by our death: the child exits
+        )
+        self._process = process
+        try:
+            if not await self._wait_ready(process):
+                await self._stop_child()
+                return _exit_reason(process.returncode, "did not become ready in time")
+            log.info("embedded engine ready (pid %d)", process.pid)
+            self._set(Health.HEALTHY, "")
+            return await self._watch(process)
+        finally:
+            if process.returncode is None:
+                await self._stop_child()
+
+    async def _wait_ready(self, process: asyncio.subprocess.Process) -> bool:
+        deadline = time.monotonic() + self._settings.start_timeout_s
+        while time.monotonic() < deadline and process.returncode is None:
+            with contextlib.suppress(*PROBE_ERRORS):
+                await self._transport.get_json("/health")
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> str:
+        misses = 0
+        while True:
+            try:
+                await asyncio.wait_for(process.wait(), HEALTH_INTERVAL_S)
+                return _exit_reason(process.returncode, "")
+            except TimeoutError:
+                pass
+            try:
+                await self._transport.get_json("/health")
+                misses = 0
+            except PROBE_ERRORS:
+                misses += 1
+                if misses >= HEALTH_MISSES_BEFORE_KILL:
+                    await self._stop_child()
+                    return "stopped answering its health check (killed)"
+
+    async def _stop_child(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), 2.0)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    # -- reporting ----------------------------------------------------------------
+
+    def _set(self, health: Health, reason: str) -> None:
+        self._status = BackendStatus(health, self.models, reason=reason, detail=self._detail({}))
+        self.on_status(self._status)
+
+    def _detail(self, health: dict[str, Any]) -> dict[str, Any]:
+        detail = {
+            "pid": self._process.pid if self._process else None,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+        }
+        detail.update({k: v for k, v in health.items() if k not in ("status", "pid")})
+        return detail
+
+    def _retry_after(self) -> float:
+        return max(1.0, self._settings.restart_backoff_s)
+
+
+class _EngineUpstream:
+    """An engine answer; a broken-off answer is reported as the engine's failure."""
+
+    def __init__(self, upstream: HttpUpstream) -> None:
+        self._upstream = upstream
+        self.status = upstream.status
+        self.content_type = upstream.content_type
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._upstream.chunks():
+                yield chunk
+        except UpstreamFailed:
+            raise UpstreamFailed(
+                "the embedded engine stopped mid-answer (it restarts by itself)"
+            ) from None
+
+    async def read(self) -> bytes:
+        try:
+            return await self._upstream.read()
+        except UpstreamFailed:
+            raise UpstreamFailed(
+                "the embedded engine stopped before answering (it restarts by itself)"
+            ) from None
+
+    def close(self) -> None:
+        self._upstream.close()
+
+
+def _exit_reason(returncode: int | None, otherwise: str) -> str:
+    if returncode is None:
+        return otherwise
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+def _size_of(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())

@@ -1,0 +1,391 @@
+"""The engine child process: llama.cpp and the embedding model behind OpenAI routes.
+
+Run by the supervisor as `python -m shoal.engine.worker --socket PATH ...`; it listens
+on a Unix socket, so a crash or hang in native code takes down only this process.
+Generations run one at a time (a llama.cpp context holds one sequence) in a worker
+thread; requests wait their turn in FIFO order. A client that goes away cancels its
+generation at the next token. The process exits when its parent closes its stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from aiohttp import web
+
+log = logging.getLogger("shoal.engine.worker")
+
+_DONE = object()
+_SAMPLING = (
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+)
+
+
+class RequestError(Exception):
+    """A request the engine cannot serve; becomes a 400 in OpenAI's shape."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class _Counter:
+    """A llama.cpp stopping criterion that counts prompt tokens and honours a cancel."""
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self.cancel = cancel
+        self.prompt_tokens: int | None = None
+        self.sampled = 0
+
+    def __call__(self, input_ids: Any, logits: Any) -> bool:
+        if self.prompt_tokens is None:
+            self.prompt_tokens = len(input_ids)  # first call: the prompt, nothing sampled
+        self.sampled += 1
+        return self.cancel.is_set()
+
+
+class Generator:
+    """The llama.cpp model, one generation at a time, with counters for /health."""
+
+    def __init__(self, model_path: Path, model_id: str, *, threads: int, context: int) -> None:
+        from llama_cpp import Llama  # imported here: only the child loads native code
+
+        self.model_id = model_id
+        self._llm = Llama(
+            model_path=str(model_path),
+            n_ctx=context,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        self._lock = threading.Lock()
+        self.turn = asyncio.Lock()  # FIFO order of waiting requests
+        self.waiting = 0
+        self.generating = False
+        self.tokens_generated = 0
+        self.requests = 0
+        self.cancelled = 0
+        self.last_request: dict[str, Any] = {}
+
+    def run(
+        self,
+        chat: bool,
+        kwargs: dict[str, Any],
+        emit: Callable[[object], None],
+        cancel: threading.Event,
+    ) -> None:
+        """In a worker thread: generate, emitting chunks (or one response), then _DONE."""
+        from llama_cpp import StoppingCriteriaList
+
+        counter = _Counter(cancel)
+        method = self._llm.create_chat_completion if chat else self._llm.create_completion
+        text: list[str] = []
+        started = time.monotonic()
+        with self._lock:
+            self.generating = True
+            self.requests += 1
+            try:
+                result = method(**kwargs, stopping_criteria=StoppingCriteriaList([counter]))
+                if isinstance(result, Iterator):
+                    for chunk in result:
+                        text.append(_chunk_text(chunk))
+                        emit(chunk)
+                else:
+                    emit(result)
+                    text.append(_response_text(result))
+            except ValueError as exc:  # llama-cpp-python's "prompt too long" and kin
+                emit(RequestError(str(exc), code="context_length_exceeded"))
+            except Exception as exc:
+                emit(exc)
+            finally:
+                completion = self.count_tokens("".join(text))
+                self.tokens_generated += counter.sampled
+                if cancel.is_set():
+                    self.cancelled += 1
+                self.last_request = {
+                    "prompt_tokens": counter.prompt_tokens or 0,
+                    "completion_tokens": completion,
+                    "sampled_tokens": counter.sampled,
+                    "cancelled": cancel.is_set(),
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+                self.generating = False
+                emit(_DONE)
+
+    def count_tokens(self, text: str) -> int:
+        if not text:
+            return 0
+        return len(self._llm.tokenize(text.encode(), add_bos=False, special=True))
+
+
+def _chunk_text(chunk: dict[str, Any]) -> str:
+    choice = (chunk.get("choices") or [{}])[0]
+    return str((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+
+
+def _response_text(response: dict[str, Any]) -> str:
+    choice = (response.get("choices") or [{}])[0]
+    return str((choice.get("message") or {}).get("content") or choice.get("text") or "")
+
+
+def sampling_kwargs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """The OpenAI request fields, as llama-cpp-python arguments."""
+    if (body.get("n") or 1) != 1:
+        raise RequestError("the embedded engine generates one choice per request", "n")
+    kwargs = {key: body[key] for key in _SAMPLING if body.get(key) is not None}
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    kwargs["max_tokens"] = max_tokens if max_tokens else (None if chat else 256)
+    if body.get("logit_bias"):
+        kwargs["logit_bias"] = {int(k): float(v) for k, v in body["logit_bias"].items()}
+    kwargs["stream"] = bool(body.get("stream"))
+    if chat:
+        kwargs["messages"] = body["messages"]
+    else:
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise RequestError("the embedded engine takes one prompt per request", "prompt")
+            prompt = prompt[0]
+        kwargs["prompt"] = prompt
+        if body.get("echo"):
+            kwargs["echo"] = True
+        if body.get("suffix") is not None:
+            kwargs["suffix"] = body["suffix"]
+    return kwargs
+
+
+class Worker:
+    def __init__(self, generator: Generator, embedder: Any) -> None:
+        self.generator = generator
+        self.embedder = embedder
+        # Threads: one generation at a time plus embeddings beside it.
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="engine")
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.add_routes(
+            [
+                web.get("/health", self.health),
+                web.post("/v1/chat/completions", self.chat),
+                web.post("/v1/completions", self.completion),
+                web.post("/v1/embeddings", self.embeddings),
+            ]
+        )
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        g = self.generator
+        return _json(
+            {
+                "status": "ok",
+                "pid": os.getpid(),
+                "generating": g.generating,
+                "waiting": g.waiting,
+                "requests": g.requests,
+                "cancelled": g.cancelled,
+                "tokens_generated": g.tokens_generated,
+                "last_request": g.last_request,
+            }
+        )
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        try:
+            kwargs = sampling_kwargs(body, chat)
+        except RequestError as exc:
+            return _error(400, str(exc), exc.param, exc.code)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        g = self.generator
+        g.waiting += 1
+        try:
+            await g.turn.acquire()
+        finally:
+            g.waiting -= 1
+        future = loop.run_in_executor(self._executor, g.run, chat, kwargs, emit, cancel)
+        try:
+            first = await queue.get()
+            if isinstance(first, RequestError):
+                return _error(400, str(first), first.param, first.code)
+            if isinstance(first, BaseException):
+                log.error("generation failed: %r", first)
+                return _error(500, f"the engine failed: {type(first).__name__}")
+            if not kwargs["stream"]:
+                assert isinstance(first, dict)
+                first["model"] = g.model_id
+                return _json(first)
+            return await self._stream(request, first, queue, include_usage)
+        finally:
+            cancel.set()  # no-op when finished; stops an abandoned generation
+            await asyncio.wait({future})
+            g.turn.release()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        first: object,
+        queue: asyncio.Queue[object],
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        item, last = first, None
+        while item is not _DONE:
+            if isinstance(item, BaseException):
+                message = f"the engine failed mid-stream: {type(item).__name__}"
+                await response.write(b"data: " + orjson.dumps(_error_doc(message)) + b"\n\n")
+                break
+            assert isinstance(item, dict)
+            item["model"] = self.generator.model_id
+            last = item
+            await response.write(b"data: " + orjson.dumps(item) + b"\n\n")
+            item = await queue.get()
+        else:
+            if include_usage and last is not None:
+                usage = self.generator.last_request
+                await response.write(b"data: " + orjson.dumps(_usage_chunk(last, usage)) + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        texts = body["input"]
+        if isinstance(texts, str):
+            texts = [texts]
+        if not all(isinstance(t, str) for t in texts):
+            return _error(400, "the embedding model takes text input, not token ids", "input")
+        dims = body.get("dimensions")
+        if dims is not None and dims != self.embedder.dimensions:
+            message = f"{self.embedder.model_id} has {self.embedder.dimensions} dimensions"
+            return _error(400, message, "dimensions")
+        loop = asyncio.get_running_loop()
+        vectors, tokens = await loop.run_in_executor(self._executor, self.embedder.embed, texts)
+        as_base64 = body.get("encoding_format") == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": _b64(vector) if as_base64 else vector.tolist(),
+            }
+            for i, vector in enumerate(vectors)
+        ]
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": self.embedder.model_id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+
+def _usage_chunk(last: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {
+        "id": last.get("id") or f"chatcmpl-{uuid.uuid4().hex}",
+        "object": last.get("object"),
+        "created": last.get("created"),
+        "model": last.get("model"),
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+
+
+def _b64(vector: np.ndarray) -> str:
+    return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+
+
+def _error_doc(
+    message: str, param: str | None = None, code: str | None = None, kind: str = "server_error"
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> web.Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return _json(_error_doc(message, param, code, kind), status=status)
+
+
+def _json(document: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(document), status=status, content_type="application/json")
+
+
+async def _exit_with_parent() -> None:
+    """The supervisor holds our stdin open; EOF means it is gone, so we go too."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.buffer.read)
+    os._exit(0)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from shoal.engine.embedding import Embedder
+
+    generator = Generator(
+        args.model, args.model_id, threads=args.threads, context=args.context
+    )
+    embedder = Embedder(args.embedding_dir)
+    runner = web.AppRunner(Worker(generator, embedder).app(), handler_cancellation=True)
+    await runner.setup()
+    args.socket.unlink(missing_ok=True)  # left behind by a crashed predecessor
+    await web.UnixSite(runner, str(args.socket)).start()
+    log.info("engine ready on %s (pid %d)", args.socket, os.getpid())
+    await _exit_with_parent()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="shoal-engine")
+    parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model-id", required=True)
+    parser.add_argument("--embedding-dir", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context", type=int, default=2048)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="engine[%(process)d] %(message)s")
+    asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Shoal's one exception tree, split by who is at fault.
+
+    ShoalError
+    ├── ClientError            the request is wrong: 4xx, the client should fix it
+    │   ├── InvalidRequest         400  bad JSON, missing or invalid field
+    │   ├── Unauthorized           401
+    │   ├── Forbidden              403
+    │   ├── ModelNotFound          404
+    │   ├── NotFound               404  unknown path
+    │   ├── MethodNotAllowed       405
+    │   └── PayloadTooLarge        413
+    ├── BusyError              429/503 with Retry-After: try again later
+    │   └── BackendUnavailable     503  the backend is down or restarting
+    ├── UpstreamError          a backend or peer failed us
+    │   ├── UpstreamFailed         502  refused, reset, crashed, garbage answer
+    │   └── UpstreamTimeout        504
+    └── ConfigError            the operator's configuration is wrong (not an HTTP error)
+
+Errors are turned into HTTP responses in exactly one place, `shoal.api.errors`.
+Messages are shown to clients: they never contain secrets or stack traces.
+"""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ClientError(ShoalError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidRequest(ClientError):
+    code = "invalid_request"
+
+
+class Unauthorized(ClientError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ClientError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class ModelNotFound(ClientError):
+    status = 404
+    code = "model_not_found"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "payload_too_large"
+
+
+class BusyError(ShoalError):
+    status = 429
+    type = "rate_limit_error"
+    code = "busy"
+
+    def __init__(
+        self, message: str, *, retry_after: float = 1.0, param: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+
+
+class BackendUnavailable(BusyError):
+    status = 503
+    type = "server_error"
+    code = "backend_unavailable"
+
+
+class UpstreamError(ShoalError):
+    status = 502
+    type = "server_error"
+    code = "upstream_failed"
+
+
+class UpstreamFailed(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class ConfigError(ShoalError):
+    """The operator's configuration is wrong; raised at start-up, shown on the console."""

