@@ -52,19 +52,27 @@ class RequestError(Exception):
         self.code = code
 
 
-class _Counter:
-    """A llama.cpp stopping criterion that counts prompt tokens and honours a cancel."""
+class _Watch:
+    """A llama.cpp logits processor: counts prompt and sampled tokens, and cancels.
 
-    def __init__(self, cancel: threading.Event) -> None:
+    llama-cpp-python's chat API takes no stopping criterion, so a cancelled generation
+    is ended the way a model ends one: every token but end-of-generation is masked.
+    """
+
+    def __init__(self, cancel: threading.Event, eos: int) -> None:
         self.cancel = cancel
+        self.eos = eos
         self.prompt_tokens: int | None = None
         self.sampled = 0
 
-    def __call__(self, input_ids: Any, logits: Any) -> bool:
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
         if self.prompt_tokens is None:
             self.prompt_tokens = len(input_ids)  # first call: the prompt, nothing sampled
         self.sampled += 1
-        return self.cancel.is_set()
+        if self.cancel.is_set():
+            scores[:] = -np.inf
+            scores[self.eos] = 0.0
+        return scores
 
 
 class Generator:
@@ -98,30 +106,34 @@ class Generator:
         cancel: threading.Event,
     ) -> None:
         """In a worker thread: generate, emitting chunks (or one response), then _DONE."""
-        from llama_cpp import StoppingCriteriaList
+        from llama_cpp import LogitsProcessorList
 
-        counter = _Counter(cancel)
+        counter = _Watch(cancel, self._llm.token_eos())
         method = self._llm.create_chat_completion if chat else self._llm.create_completion
-        text: list[str] = []
+        finish_reason = None
         started = time.monotonic()
         with self._lock:
             self.generating = True
             self.requests += 1
             try:
-                result = method(**kwargs, stopping_criteria=StoppingCriteriaList([counter]))
+                result = method(**kwargs, logits_processor=LogitsProcessorList([counter]))
                 if isinstance(result, Iterator):
                     for chunk in result:
-                        text.append(_chunk_text(chunk))
+                        finish_reason = _finish_reason(chunk) or finish_reason
                         emit(chunk)
+                        if cancel.is_set():
+                            break
                 else:
+                    finish_reason = _finish_reason(result)
                     emit(result)
-                    text.append(_response_text(result))
             except ValueError as exc:  # llama-cpp-python's "prompt too long" and kin
                 emit(RequestError(str(exc), code="context_length_exceeded"))
             except Exception as exc:
                 emit(exc)
             finally:
-                completion = self.count_tokens("".join(text))
+                # Every sampled token is part of the answer, except the end-of-generation
+                # token that ends one with finish_reason "stop".
+                completion = max(0, counter.sampled - (finish_reason == "stop"))
                 self.tokens_generated += counter.sampled
                 if cancel.is_set():
                     self.cancelled += 1
@@ -135,20 +147,10 @@ class Generator:
                 self.generating = False
                 emit(_DONE)
 
-    def count_tokens(self, text: str) -> int:
-        if not text:
-            return 0
-        return len(self._llm.tokenize(text.encode(), add_bos=False, special=True))
 
-
-def _chunk_text(chunk: dict[str, Any]) -> str:
-    choice = (chunk.get("choices") or [{}])[0]
-    return str((choice.get("delta") or {}).get("content") or choice.get("text") or "")
-
-
-def _response_text(response: dict[str, Any]) -> str:
-    choice = (response.get("choices") or [{}])[0]
-    return str((choice.get("message") or {}).get("content") or choice.get("text") or "")
+def _finish_reason(chunk: dict[str, Any]) -> str | None:
+    choices = chunk.get("choices") or [{}]
+    return choices[0].get("finish_reason")
 
 
 def sampling_kwargs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
@@ -366,7 +368,9 @@ async def _serve(args: argparse.Namespace) -> None:
         args.model, args.model_id, threads=args.threads, context=args.context
     )
     embedder = Embedder(args.embedding_dir)
-    runner = web.AppRunner(Worker(generator, embedder).app(), handler_cancellation=True)
+    runner = web.AppRunner(
+        Worker(generator, embedder).app(), handler_cancellation=True, access_log=None
+    )
     await runner.setup()
     args.socket.unlink(missing_ok=True)  # left behind by a crashed predecessor
     await web.UnixSite(runner, str(args.socket)).start()
