@@ -67,6 +67,7 @@ class FakeServer:
         return self
 
     async def _start(self) -> None:
+        self._released = asyncio.Event()  # set on stop: stalled handlers end
         app = web.Application()
         app.add_routes(
             [
@@ -83,6 +84,7 @@ class FakeServer:
 
     def stop(self) -> None:
         if self._runner is not None:
+            self._loop.call_soon_threadsafe(self._released.set)
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
             self._runner = None
 
@@ -93,6 +95,7 @@ class FakeServer:
         self.stop()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
 
     # -- handlers -----------------------------------------------------------------
 
@@ -141,7 +144,8 @@ class FakeServer:
             request.transport.abort()
             return web.Response()
         if mode == "stall":
-            await asyncio.sleep(3600)
+            await self._released.wait()
+            return web.Response(status=499)
         model = body["model"]
         if not body.get("stream"):
             return web.json_response(_chat_response(model, "hello from fake"))

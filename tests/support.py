@@ -87,7 +87,12 @@ class NodeProcess:
                 self.process.wait()
 
 
-def start_node(home: Path, *args: str, wait_backend: str | None = "embedded") -> NodeProcess:
+def start_node(
+    home: Path,
+    *args: str,
+    wait_backend: str | None = "embedded",
+    env: dict[str, str] | None = None,
+) -> NodeProcess:
     """`shoal serve` in a subprocess on a free loopback port, with detection off."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -99,7 +104,7 @@ def start_node(home: Path, *args: str, wait_backend: str | None = "embedded") ->
     ]  # fmt: skip
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=clean_env(home)
+            command, stdout=log, stderr=subprocess.STDOUT, env={**clean_env(home), **(env or {})}
         )
     node = NodeProcess(f"http://127.0.0.1:{port}", process, log_path, data_dir)
 

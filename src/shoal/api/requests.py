@@ -84,9 +84,19 @@ def parse(model: type[_Body], raw: bytes) -> Any:
         return model.model_validate(document)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise InvalidRequest(f"{param}: {first['msg']}", param=param) from None
+        param = _param_path(first["loc"])
+        raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param) from None
 
 
-def stream_wanted(body: _Body) -> bool:
-    return bool(getattr(body, "stream", False))
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _param_path(loc: tuple[int | str, ...]) -> str | None:
+    """pydantic's location as OpenAI writes it: `messages[0].role`, without union tags."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" not in part and part not in _TYPE_TAGS:
+            path += f".{part}" if path else part
+    return path or None

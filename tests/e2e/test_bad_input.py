@@ -1,0 +1,150 @@
+"""Bad requests get OpenAI-shaped errors with the right status, and break nothing."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+from tests.conftest import SMOLLM_ID
+from tests.support import NodeProcess, http
+
+pytestmark = pytest.mark.engine
+
+CHAT = "/v1/chat/completions"
+
+
+def _post(node: NodeProcess, path: str, body: bytes) -> tuple[int, dict[str, str], Any]:
+    status, headers, raw = http(
+        "POST", node.url + path, body, {"Content-Type": "application/json"}
+    )
+    return status, headers, orjson.loads(raw)
+
+
+def _assert_openai_error(document: Any, param: str | None = None) -> dict[str, Any]:
+    error = document["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return dict(error)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (CHAT, b"{not json", None),
+        (CHAT, b"", None),
+        (CHAT, b"[1, 2]", None),
+        (CHAT, b'{"model": "m"}', "messages"),
+        (CHAT, b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),
+        (CHAT, b'{"model": "m", "messages": []}', "messages"),
+        (CHAT, b'{"model": "m", "messages": [{"role": "robot"}]}', "messages[0].role"),
+        (CHAT, b'{"model": "m", "messages": [{"role": "user"}], "temperature": 7}', "temperature"),
+        (CHAT, b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": 0}', "max_tokens"),
+        (CHAT, b'{"model": "m", "messages": [{"role": "user"}], "top_p": 1.5}', "top_p"),
+        ("/v1/completions", b'{"model": "m"}', "prompt"),
+        ("/v1/embeddings", b'{"model": "m", "input": []}', "input"),
+    ],
+)
+def test_bad_body_is_a_400(engine_node: NodeProcess, path: str, body: bytes, param: str) -> None:
+    status, _, document = _post(engine_node, path, body)
+    assert status == 400
+    error = _assert_openai_error(document, param)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_a_404(engine_node: NodeProcess) -> None:
+    body = orjson.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})
+    status, _, document = _post(engine_node, CHAT, body)
+    assert status == 404
+    assert _assert_openai_error(document, "model")["code"] == "model_not_found"
+
+
+def test_wrong_operation_for_a_model_is_a_400(engine_node: NodeProcess) -> None:
+    body = orjson.dumps({"model": SMOLLM_ID, "input": "embed me with a chat model"})
+    status, _, document = _post(engine_node, "/v1/embeddings", body)
+    assert status == 400
+    _assert_openai_error(document, "model")
+
+
+def test_engine_specific_refusal_passes_through_as_400(engine_node: NodeProcess) -> None:
+    body = orjson.dumps(
+        {"model": SMOLLM_ID, "messages": [{"role": "user", "content": "hi"}], "n": 3}
+    )
+    status, headers, document = _post(engine_node, CHAT, body)
+    assert status == 400
+    assert _assert_openai_error(document, "n")
+    assert headers["X-Shoal-Served-By"]
+
+
+def test_prompt_longer_than_context_is_a_400(engine_node: NodeProcess) -> None:
+    long_text = "word " * 5000  # far beyond the 2048-token context
+    body = orjson.dumps({"model": SMOLLM_ID, "messages": [{"role": "user", "content": long_text}]})
+    status, _, document = _post(engine_node, CHAT, body)
+    assert status == 400
+    assert _assert_openai_error(document)["code"] == "context_length_exceeded"
+
+
+def test_unknown_path_and_wrong_method_are_json(engine_node: NodeProcess) -> None:
+    status, headers, raw = http("GET", engine_node.url + "/v1/nope")
+    assert status == 404
+    _assert_openai_error(orjson.loads(raw))
+    status, headers, raw = http("GET", engine_node.url + CHAT)
+    assert status == 405
+    _assert_openai_error(orjson.loads(raw))
+
+
+def test_declared_oversize_body_is_refused_before_it_is_sent(engine_node: NodeProcess) -> None:
+    host, port = engine_node.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 104857600\r\n\r\n"
+        )
+        # Not one byte of the 100 MB body is sent: the answer must come anyway.
+        answer = sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert _assert_openai_error(orjson.loads(body))["code"] == "payload_too_large"
+
+
+def test_chunked_oversize_body_is_a_413(engine_node: NodeProcess) -> None:
+    # No Content-Length: the node must stop reading at its limit (8 MiB by default).
+    big = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * (9 << 20) + b'"}]}'
+
+    def chunks() -> Any:
+        for start in range(0, len(big), 1 << 20):
+            yield big[start : start + (1 << 20)]
+
+    import urllib.request
+
+    request = urllib.request.Request(
+        engine_node.url + CHAT, data=chunks(), method="POST",
+        headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            status, raw = exc.code, exc.read()
+    except (ConnectionResetError, BrokenPipeError):
+        pytest.fail("the node dropped the connection instead of answering 413")
+    assert status == 413
+    _assert_openai_error(orjson.loads(raw))
+
+
+def test_node_still_serves_after_bad_input(engine_node: NodeProcess) -> None:
+    client = openai.OpenAI(base_url=engine_node.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=SMOLLM_ID, messages=[{"role": "user", "content": "hi"}], temperature=9
+        )
+    answer = client.chat.completions.create(
+        model=SMOLLM_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert answer.choices[0].message.content
