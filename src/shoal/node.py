@@ -60,6 +60,17 @@ class Node:
         self.app = build_app(self)
         self.url = ""
 
+    async def refresh(self, timeout_s: float = 1.5) -> None:
+        """Probe every backend now, so a status shows the present, not the last probe.
+
+        A backend that does not answer in time keeps its last known status.
+        """
+        probes = asyncio.gather(*(self.registry.probe(e) for e in list(self.registry.entries())))
+        try:
+            await asyncio.wait_for(probes, timeout_s)
+        except TimeoutError:
+            pass
+
     def status(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -91,6 +91,9 @@ class EngineSettings(_Section):
     restart_backoff_max_s: float = Field(default=30.0, gt=0)
     # Seconds to wait for a started child to answer its health check.
     start_timeout_s: float = Field(default=60.0, gt=0)
+    # Seconds between health checks of a running child; three misses in a row mean it
+    # hangs, and it is killed and restarted.
+    health_interval_s: float = Field(default=5.0, gt=0)
 
 
 class LimitSettings(_Section):

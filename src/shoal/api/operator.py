@@ -13,6 +13,6 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(request.app[NODE].status()), content_type="application/json"
-    )
+    node = request.app[NODE]
+    await node.refresh()
+    return web.Response(body=orjson.dumps(node.status()), content_type="application/json")

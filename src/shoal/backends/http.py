@@ -105,11 +105,10 @@ class HttpTransport:
             raise UpstreamFailed(f"the backend failed ({_describe(exc)})") from None
         return HttpUpstream(response)
 
-    async def get_json(self, path: str) -> Any:
+    async def get_json(self, path: str, timeout_s: float | None = None) -> Any:
         """GET a small JSON document (model lists, health). Raises aiohttp/timeout errors."""
-        async with self._client().get(
-            f"{self.base_url}{path}", timeout=self._probe_timeout
-        ) as response:
+        timeout = self._probe_timeout if timeout_s is None else aiohttp.ClientTimeout(timeout_s)
+        async with self._client().get(f"{self.base_url}{path}", timeout=timeout) as response:
             response.raise_for_status()
             return orjson.loads(await response.read())
 

@@ -31,7 +31,6 @@ from shoal.settings import EngineSettings, LimitSettings
 
 log = logging.getLogger(__name__)
 
-HEALTH_INTERVAL_S = 5.0
 HEALTH_MISSES_BEFORE_KILL = 3
 STABLE_AFTER_S = 60.0  # a child up this long resets the restart backoff
 EMBEDDING_MODEL_ID = "all-MiniLM-L6-v2"
@@ -169,13 +168,17 @@ class EngineBackend:
         misses = 0
         while True:
             try:
-                await asyncio.wait_for(process.wait(), HEALTH_INTERVAL_S)
+                await asyncio.wait_for(process.wait(), self._settings.health_interval_s)
                 return _exit_reason(process.returncode, "")
             except TimeoutError:
                 pass
             try:
-                await self._transport.get_json("/health")
+                # The child's event loop answers within milliseconds even mid-generation
+                # (llama.cpp releases the GIL); silence for this long means a hang.
+                timeout = max(1.0, 2 * self._settings.health_interval_s)
+                health = await self._transport.get_json("/health", timeout)
                 misses = 0
+                self._status = BackendStatus(Health.HEALTHY, self.models, detail=self._detail(health))
             except PROBE_ERRORS:
                 misses += 1
                 if misses >= HEALTH_MISSES_BEFORE_KILL:
