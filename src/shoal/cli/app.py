@@ -63,12 +63,16 @@ def serve(
     ollama: Annotated[
         list[str] | None, typer.Option(help="An Ollama server URL to use (repeatable).")
     ] = None,
-    no_embedded: Annotated[
-        bool, typer.Option("--no-embedded", help="Do not run the embedded engine.")
-    ] = False,
-    no_detect: Annotated[
-        bool, typer.Option("--no-detect", help="Do not look for servers on standard ports.")
-    ] = False,
+    embedded: Annotated[
+        bool | None,
+        typer.Option("--embedded/--no-embedded", help="Run the embedded engine (default on)."),
+    ] = None,
+    detect: Annotated[
+        bool | None,
+        typer.Option(
+            "--detect/--no-detect", help="Look for servers on standard ports (default on)."
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="This node's name (default: hostname).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
@@ -84,8 +88,8 @@ def serve(
         name=name,
         log_level=log_level,
         backends=[*(b.model_dump() for b in base.backends), *extra] if extra else None,
-        engine={**base.engine.model_dump(), "enabled": False} if no_embedded else None,
-        detect={**base.detect.model_dump(), "enabled": False} if no_detect else None,
+        engine=None if embedded is None else {**base.engine.model_dump(), "enabled": embedded},
+        detect=None if detect is None else {**base.detect.model_dump(), "enabled": detect},
     )
     logging.basicConfig(
         level=settings.log_level.upper(),
