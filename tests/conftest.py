@@ -68,15 +68,15 @@ def llama_server(f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
     port = free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    args = [
+        "-m", str(f16_gguf), "--alias", LLAMA_SERVER_ALIAS,
+        "--host", "127.0.0.1", "--port", str(port),
+        "-t", "1", "-tb", "2", "-c", "4096", "--parallel", "2",
+        "--embeddings", "--pooling", "mean",
+    ]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [
-                str(skulk.binary_path()),
-                "-m", str(f16_gguf), "--alias", LLAMA_SERVER_ALIAS,
-                "--host", "127.0.0.1", "--port", str(port),
-                "-t", "1", "-tb", "2", "-c", "4096", "--parallel", "2",
-                "--embeddings", "--pooling", "mean",
-            ],  # fmt: skip
+            [str(skulk.binary_path()), *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=skulk.launch_environment(dict(os.environ)),
@@ -97,7 +97,9 @@ def llama_server(f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @pytest.fixture(scope="session")
-def llama_node(llama_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+def llama_node(
+    llama_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NodeProcess]:
     """A `shoal serve` with no embedded engine, fronting the real llama-server."""
     name = "llama-server"
     node = start_node(

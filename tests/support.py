@@ -39,7 +39,9 @@ def wait_for(
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error {last_error!r})")
+    raise AssertionError(
+        f"timed out after {timeout} s waiting for {what} (last error {last_error!r})"
+    )
 
 
 def get_json(url: str, timeout: float = 5.0) -> Any:

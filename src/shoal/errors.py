@@ -80,9 +80,7 @@ class BusyError(ShoalError):
     type = "rate_limit_error"
     code = "busy"
 
-    def __init__(
-        self, message: str, *, retry_after: float = 1.0, param: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, retry_after: float = 1.0, param: str | None = None) -> None:
         super().__init__(message, param=param)
         self.retry_after = retry_after
 

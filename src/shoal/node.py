@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
@@ -66,10 +67,8 @@ class Node:
         A backend that does not answer in time keeps its last known status.
         """
         probes = asyncio.gather(*(self.registry.probe(e) for e in list(self.registry.entries())))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(probes, timeout_s)
-        except TimeoutError:
-            pass
 
     def status(self) -> dict[str, Any]:
         return {

@@ -129,29 +129,18 @@ class Settings(BaseSettings):
     # Set by `load`, not by the user: where the file values came from.
     config_path: Path | None = Field(default=None, exclude=True)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file comes from `toml_file` in the model config, which `load` sets.
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
-
     @property
     def bind_host(self) -> str:
         return "0.0.0.0" if self.lan and self.host == "127.0.0.1" else self.host
 
 
-def load(config_path: Path | None = None, **flags: Any) -> Settings:
+def load(config_path: Path | None = None, *, environ: bool = True, **flags: Any) -> Settings:
     """Build the settings: defaults < `config_path` (or the default file) < env < flags.
 
-    `flags` with the value None are treated as not given.
+    `flags` with the value None are treated as not given. With `environ=False` the
+    `SHOAL_*` variables are ignored (to check what a file alone says).
     """
-    explicit = config_path is not None
+    explicit = config_path is not None or "SHOAL_CONFIG" in os.environ
     path = config_path or Path(os.environ.get("SHOAL_CONFIG", default_config_path()))
     if explicit and not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -159,6 +148,18 @@ def load(config_path: Path | None = None, **flags: Any) -> Settings:
 
     class FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path if path.is_file() else None)
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            file = TomlConfigSettingsSource(settings_cls)
+            return (init_settings, env_settings, file) if environ else (init_settings, file)
 
     try:
         return FromFile(**given, config_path=path)

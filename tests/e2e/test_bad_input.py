@@ -18,9 +18,7 @@ CHAT = "/v1/chat/completions"
 
 
 def _post(node: NodeProcess, path: str, body: bytes) -> tuple[int, dict[str, str], Any]:
-    status, headers, raw = http(
-        "POST", node.url + path, body, {"Content-Type": "application/json"}
-    )
+    status, headers, raw = http("POST", node.url + path, body, {"Content-Type": "application/json"})
     return status, headers, orjson.loads(raw)
 
 
@@ -90,10 +88,10 @@ def test_prompt_longer_than_context_is_a_400(engine_node: NodeProcess) -> None:
 
 
 def test_unknown_path_and_wrong_method_are_json(engine_node: NodeProcess) -> None:
-    status, headers, raw = http("GET", engine_node.url + "/v1/nope")
+    status, _, raw = http("GET", engine_node.url + "/v1/nope")
     assert status == 404
     _assert_openai_error(orjson.loads(raw))
-    status, headers, raw = http("GET", engine_node.url + CHAT)
+    status, _, raw = http("GET", engine_node.url + CHAT)
     assert status == 405
     _assert_openai_error(orjson.loads(raw))
 

@@ -84,7 +84,7 @@ def test_engine_killed_mid_stream(own_node: NodeProcess) -> None:
     )
     received = 0
     with pytest.raises(openai.APIError, match="engine stopped"):
-        for chunk in stream:
+        for _ in stream:
             received += 1
             if received == 5:
                 os.kill(pid, signal.SIGKILL)

@@ -338,12 +338,6 @@ async def test_model_on_a_down_backend_beside_a_healthy_one_without_it_is_503() 
             pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _no_candidate ignores the operation when choosing 400 over 503: a model "
-    "served for embeddings only by a DOWN backend, and for chat by a healthy one, is "
-    "answered 400 'does not support embeddings' instead of 503 'try again'",
-)
 async def test_down_holder_of_the_operation_is_503_even_if_another_holder_is_up() -> None:
     registry = BackendRegistry(interval_s=30)
     chat_backend = registry.add(FakeBackend("chat"))
@@ -410,12 +404,6 @@ class HangingBackend(FakeBackend):
         await asyncio.Event().wait()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _open_first increments entry.in_flight before send() and only decrements it "
-    "for BackendUnavailable/UpstreamError; a cancellation (client disconnect, with "
-    "handler_cancellation=True) or any other exception during send leaks the count forever",
-)
 async def test_cancelled_while_sending_releases_the_backend() -> None:
     registry = BackendRegistry(interval_s=30)
     backend = HangingBackend("a")

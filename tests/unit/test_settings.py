@@ -60,9 +60,7 @@ def test_default_file_under_xdg_config_home_is_read(tmp_path: Path) -> None:
     assert load().port == 9001
 
 
-def test_shoal_config_env_names_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_shoal_config_env_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path / "elsewhere.toml", "port = 9002\n")
     write(tmp_path / "xdg-config" / "shoal" / "config.toml", "port = 9001\n")
     monkeypatch.setenv("SHOAL_CONFIG", str(path))
@@ -135,9 +133,7 @@ def test_none_flags_are_not_given(config: Path, monkeypatch: pytest.MonkeyPatch)
     assert (settings.port, settings.host, settings.name) == (9001, "10.0.0.2", "from-env")
 
 
-def test_table_flag_merges_with_file_and_env(
-    config: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_table_flag_merges_with_file_and_env(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write(config, "[engine]\ncontext = 4096\n")
     monkeypatch.setenv("SHOAL_ENGINE__THREADS", "4")
     settings = load(config, engine={"enabled": False})
@@ -228,7 +224,9 @@ def test_config_error_is_not_a_validation_error(config: Path) -> None:
     write(config, "port = 70000\n")
     with pytest.raises(ConfigError) as caught:
         load(config)
-    assert caught.value.__cause__ is None  # `from None`: no pydantic trace for the operator
+    # `from None`: no pydantic trace for the operator
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__ is True
 
 
 # -- backends ---------------------------------------------------------------------------

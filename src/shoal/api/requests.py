@@ -63,8 +63,11 @@ class CompletionRequest(_Generation):
 
 
 class EmbeddingRequest(_Body):
-    input: str | list[str] | list[NonNegInt] | list[list[NonNegInt]] = Field(
-        min_length=1, max_length=_MAX_ITEMS
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=_MAX_ITEMS)]
+        | Annotated[list[NonNegInt], Field(min_length=1)]
+        | Annotated[list[list[NonNegInt]], Field(min_length=1, max_length=_MAX_ITEMS)]
     )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1, le=65536)
@@ -97,6 +100,6 @@ def _param_path(loc: tuple[int | str, ...]) -> str | None:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif "[" not in part and part not in _TYPE_TAGS:
+        elif not (set(part) & set("[-") or part in _TYPE_TAGS):  # union member tags
             path += f".{part}" if path else part
     return path or None

@@ -11,6 +11,7 @@ detected one at the same address.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -27,7 +28,8 @@ def next_probe_delay(failures: int, interval_s: float) -> float:
     """Seconds until the next probe: the interval when healthy, exponential when down."""
     if failures <= 0:
         return interval_s
-    return min(interval_s, FIRST_RETRY_S * 2 ** (failures - 1))
+    # The exponent is capped: a backend down for days must not overflow a float.
+    return min(interval_s, FIRST_RETRY_S * 2 ** min(failures - 1, 32))
 
 
 @dataclass(slots=True)
@@ -95,6 +97,17 @@ class BackendRegistry:
             for info in entry.status.models
         ]
 
+    def holders(self, model: str, op: Operation) -> list[BackendEntry]:
+        """Backends, up or down, that hold or last held `model` for `op`."""
+        return [
+            entry
+            for entry in self._entries.values()
+            if any(
+                info.id == model and op in info.operations
+                for info in (entry.status.models or entry.last_models)
+            )
+        ]
+
     def knows_model(self, model: str) -> bool:
         """Whether any backend, up or down, holds or last held `model`."""
         return any(
@@ -142,10 +155,8 @@ class BackendRegistry:
                 await asyncio.gather(*(self.probe(e) for e in due))
             soonest = min((e.next_probe for e in self._entries.values()), default=now + 60)
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.05, soonest - time.monotonic()))
-            except TimeoutError:
-                pass
 
     async def aclose(self) -> None:
         await asyncio.gather(*(e.backend.aclose() for e in self._entries.values()))

@@ -49,7 +49,7 @@ def set_value(path: Path, key: str, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     candidate.write_text(tomlkit.dumps(document))
     try:
-        settings_mod.load(candidate)
+        settings_mod.load(candidate, environ=False)
     except ConfigError:
         candidate.unlink()
         raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -142,6 +143,9 @@ class EngineBackend:
             "--context",
             str(self._settings.context),
             stdin=asyncio.subprocess.PIPE,  # closed by us, or by our death: the child exits
+            # One BLAS thread for the embedding model: beside llama.cpp's threads on a
+            # small machine, more only contend (10 ms vs 40+ ms per sentence, measured).
+            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
         )
         self._process = process
         try:
@@ -178,7 +182,9 @@ class EngineBackend:
                 timeout = max(1.0, 2 * self._settings.health_interval_s)
                 health = await self._transport.get_json("/health", timeout)
                 misses = 0
-                self._status = BackendStatus(Health.HEALTHY, self.models, detail=self._detail(health))
+                self._status = BackendStatus(
+                    Health.HEALTHY, self.models, detail=self._detail(health)
+                )
             except PROBE_ERRORS:
                 misses += 1
                 if misses >= HEALTH_MISSES_BEFORE_KILL:

@@ -30,17 +30,10 @@ from aiohttp import web
 log = logging.getLogger("shoal.engine.worker")
 
 _DONE = object()
-_SAMPLING = (
-    "temperature",
-    "top_p",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logprobs",
-    "top_logprobs",
-    "response_format",
-)
+_SAMPLING = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+_SAMPLING_CHAT = (*_SAMPLING, "logprobs", "top_logprobs", "response_format")
+# /v1/completions' `logprobs` is a count of top tokens, llama-cpp-python's too.
+_SAMPLING_COMPLETION = (*_SAMPLING, "logprobs")
 
 
 class RequestError(Exception):
@@ -157,7 +150,8 @@ def sampling_kwargs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
     """The OpenAI request fields, as llama-cpp-python arguments."""
     if (body.get("n") or 1) != 1:
         raise RequestError("the embedded engine generates one choice per request", "n")
-    kwargs = {key: body[key] for key in _SAMPLING if body.get(key) is not None}
+    fields = _SAMPLING_CHAT if chat else _SAMPLING_COMPLETION
+    kwargs = {key: body[key] for key in fields if body.get(key) is not None}
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     kwargs["max_tokens"] = max_tokens if max_tokens else (None if chat else 256)
     if body.get("logit_bias"):
@@ -364,9 +358,7 @@ async def _exit_with_parent() -> None:
 async def _serve(args: argparse.Namespace) -> None:
     from shoal.engine.embedding import Embedder
 
-    generator = Generator(
-        args.model, args.model_id, threads=args.threads, context=args.context
-    )
+    generator = Generator(args.model, args.model_id, threads=args.threads, context=args.context)
     embedder = Embedder(args.embedding_dir)
     runner = web.AppRunner(
         Worker(generator, embedder).app(), handler_cancellation=True, access_log=None

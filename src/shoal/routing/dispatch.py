@@ -67,38 +67,36 @@ class Dispatcher:
             if attempt and time.monotonic() >= deadline:
                 break
             entry.in_flight += 1
+            opened = False
             try:
                 upstream = await entry.backend.send(op, body)
+                if upstream.status < 500:
+                    opened = True
+                    return Opened(upstream, entry, retried=attempt > 0)
+                failure = await _server_error(upstream)
             except BackendUnavailable as exc:
                 self._registry.mark_down(entry, exc.message)
                 failure = exc
             except UpstreamError as exc:
                 failure = exc
-            else:
-                if upstream.status < 500:
-                    return Opened(upstream, entry, retried=attempt > 0)
-                failure = await _server_error(upstream)
-            entry.in_flight -= 1
+            finally:
+                if not opened:  # failed, or cancelled while waiting for the answer
+                    entry.in_flight -= 1
             log.warning("backend %s failed: %s", entry.backend.name, failure.message)
         assert failure is not None
         raise failure
 
     def _no_candidate(self, op: Operation, model: str) -> ShoalError:
-        if self._registry.knows_model(model):
-            holders = [
-                e
-                for e in self._registry.entries()
-                if any(m.id == model for m in (e.status.models or e.last_models))
-            ]
-            if any(e.healthy for e in holders):
-                return InvalidRequest(
-                    f"model {model!r} does not support {op.value}", param="model"
-                )
-            reasons = "; ".join(f"{e.backend.name}: {e.status.reason or e.status.health}"
-                                for e in holders)
+        holders = self._registry.holders(model, op)
+        if holders:  # all of them down, or they would have been candidates
+            reasons = "; ".join(
+                f"{e.backend.name}: {e.status.reason or e.status.health}" for e in holders
+            )
             return BackendUnavailable(
                 f"model {model!r} is temporarily unavailable ({reasons})", retry_after=2
             )
+        if self._registry.knows_model(model):
+            return InvalidRequest(f"model {model!r} does not support {op.value}", param="model")
         return ModelNotFound(
             f"the model {model!r} does not exist on this cluster; see GET /v1/models",
             param="model",

@@ -1,0 +1,1 @@
+"""Shoal's benchmarks: every figure beside its baseline, measured in one run."""

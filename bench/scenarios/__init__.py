@@ -1,0 +1,1 @@
+"""One module per scenario; see bench/harness.py for the contract."""
