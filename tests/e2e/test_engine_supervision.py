@@ -42,13 +42,18 @@ def own_node(tmp_path: Path) -> Iterator[NodeProcess]:
     node.stop()
 
 
-def test_client_disconnect_stops_generation(engine_node: NodeProcess) -> None:
-    host, port = engine_node.url.removeprefix("http://").split(":")
+EOS_MASK = {"2": -100, "0": -100}  # SmolLM2's end tokens: the answer cannot end by itself
+
+
+def _abandon_stream(node: NodeProcess, after_events: int, max_tokens: int = 1500) -> None:
+    """Start a streamed chat, read `after_events` events, and hang up."""
+    host, port = node.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     body = {
         "model": SMOLLM_ID,
         "messages": [{"role": "user", "content": "Count from one to one thousand in words."}],
-        "max_tokens": 1500,
+        "max_tokens": max_tokens,
+        "logit_bias": EOS_MASK,
         "stream": True,
     }
     connection.request(
@@ -57,9 +62,13 @@ def test_client_disconnect_stops_generation(engine_node: NodeProcess) -> None:
     response = connection.getresponse()
     assert response.status == 200
     received = b""
-    while received.count(b"data: ") < 5:
+    while received.count(b"data: ") < after_events:
         received += response.read1(4096)
-    connection.close()  # the client goes away after a few tokens
+    connection.close()
+
+
+def test_client_disconnect_stops_generation(engine_node: NodeProcess) -> None:
+    _abandon_stream(engine_node, after_events=5)
 
     def cancelled() -> dict[str, object] | None:
         detail = _engine(engine_node)["detail"]
@@ -71,6 +80,21 @@ def test_client_disconnect_stops_generation(engine_node: NodeProcess) -> None:
     last = wait_for(cancelled, 20, "the engine to stop the abandoned generation")
     # At ~90 tokens/s, 1500 tokens take 15 s; stopping at the next token leaves far fewer.
     assert 0 < int(last["sampled_tokens"]) < 300
+
+
+def test_abandoned_streams_leave_the_engine_usable(engine_node: NodeProcess) -> None:
+    for after in (1, 2, 3, 8, 1, 5):
+        _abandon_stream(engine_node, after_events=after, max_tokens=40)
+    answer = _client(engine_node).chat.completions.create(
+        model=SMOLLM_ID,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        logit_bias=EOS_MASK,
+        timeout=60,
+    )
+    # With the end tokens masked, the answer runs to the limit: logit_bias is applied.
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage is not None and answer.usage.completion_tokens == 6
 
 
 def test_engine_killed_mid_stream(own_node: NodeProcess) -> None:

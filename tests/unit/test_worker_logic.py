@@ -284,3 +284,16 @@ def test_b64_is_little_endian_float32() -> None:
     vector = np.array([1.0, -2.5, 0.0], dtype=np.float64)
     decoded = np.frombuffer(base64.b64decode(_b64(vector)), dtype="<f4")
     np.testing.assert_array_equal(decoded, vector.astype(np.float32))
+
+
+def test_watch_applies_logit_bias_before_cancelling() -> None:
+    import threading
+
+    import numpy as np
+
+    from shoal.engine.worker import _Watch
+
+    watch = _Watch(threading.Event(), eos=0, bias={3: -100.0, 1: 5.0})
+    scores = watch(np.arange(7), np.zeros(5, dtype=np.float32))
+    assert scores.tolist() == [0.0, 5.0, 0.0, -100.0, 0.0]
+    assert (watch.prompt_tokens, watch.sampled) == (7, 1)

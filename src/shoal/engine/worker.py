@@ -46,15 +46,20 @@ class RequestError(Exception):
 
 
 class _Watch:
-    """A llama.cpp logits processor: counts prompt and sampled tokens, and cancels.
+    """A llama.cpp logits processor: counts tokens, applies logit_bias, and cancels.
 
     llama-cpp-python's chat API takes no stopping criterion, so a cancelled generation
     is ended the way a model ends one: every token but end-of-generation is masked.
+    OpenAI's `logit_bias` is applied here too: llama-cpp-python 0.3.36 drops every other
+    logits processor when it is given one (`logits_processor = list.extend(...)`).
     """
 
-    def __init__(self, cancel: threading.Event, eos: int) -> None:
+    def __init__(
+        self, cancel: threading.Event, eos: int, bias: dict[int, float] | None = None
+    ) -> None:
         self.cancel = cancel
         self.eos = eos
+        self.bias = bias or {}
         self.prompt_tokens: int | None = None
         self.sampled = 0
 
@@ -62,6 +67,8 @@ class _Watch:
         if self.prompt_tokens is None:
             self.prompt_tokens = len(input_ids)  # first call: the prompt, nothing sampled
         self.sampled += 1
+        for token, bias in self.bias.items():
+            scores[token] += bias
         if self.cancel.is_set():
             scores[:] = -np.inf
             scores[self.eos] = 0.0
@@ -101,7 +108,8 @@ class Generator:
         """In a worker thread: generate, emitting chunks (or one response), then _DONE."""
         from llama_cpp import LogitsProcessorList
 
-        counter = _Watch(cancel, self._llm.token_eos())
+        bias = kwargs.pop("logit_bias", None)
+        counter = _Watch(cancel, self._llm.token_eos(), bias)
         method = self._llm.create_chat_completion if chat else self._llm.create_completion
         finish_reason = None
         started = time.monotonic()
@@ -109,6 +117,9 @@ class Generator:
             self.generating = True
             self.requests += 1
             try:
+                vocab = self._llm.n_vocab()
+                if any(not 0 <= token < vocab for token in counter.bias):
+                    raise RequestError(f"logit_bias token ids must be below {vocab}", "logit_bias")
                 result = method(**kwargs, logits_processor=LogitsProcessorList([counter]))
                 if isinstance(result, Iterator):
                     for chunk in result:
@@ -155,7 +166,13 @@ def sampling_kwargs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     kwargs["max_tokens"] = max_tokens if max_tokens else (None if chat else 256)
     if body.get("logit_bias"):
-        kwargs["logit_bias"] = {int(k): float(v) for k, v in body["logit_bias"].items()}
+        try:
+            bias = {int(k): float(v) for k, v in body["logit_bias"].items()}
+        except (TypeError, ValueError, AttributeError):
+            raise RequestError("logit_bias maps token ids to numbers", "logit_bias") from None
+        if not all(-100 <= v <= 100 for v in bias.values()):
+            raise RequestError("logit_bias values must be between -100 and 100", "logit_bias")
+        kwargs["logit_bias"] = bias
     kwargs["stream"] = bool(body.get("stream"))
     if chat:
         kwargs["messages"] = body["messages"]
@@ -248,8 +265,12 @@ class Worker:
             return await self._stream(request, first, queue, include_usage)
         finally:
             cancel.set()  # no-op when finished; stops an abandoned generation
-            await asyncio.wait({future})
-            g.turn.release()
+            try:
+                await asyncio.wait({future})
+            finally:
+                # Even if cancelled again while waiting: a turn never leaks (the thread
+                # lock still keeps a next generation off llama.cpp until this one ends).
+                g.turn.release()
 
     async def _stream(
         self,
