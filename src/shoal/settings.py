@@ -11,7 +11,14 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -45,7 +52,8 @@ class BackendSettings(_Section):
     url: str
     kind: BackendKind = "openai"
     name: str | None = None
-    api_key: str | None = Field(default=None, repr=False)
+    # Sent as `Authorization: Bearer` to this backend only; shown masked everywhere.
+    api_key: SecretStr | None = None
 
     @field_validator("url")
     @classmethod

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def make_backend(config: BackendSettings, limits: LimitSettings) -> Backend:
     transport = HttpTransport(
         config.url,
-        api_key=config.api_key,
+        api_key=config.api_key.get_secret_value() if config.api_key else None,
         connect_timeout_s=limits.connect_timeout_s,
         read_timeout_s=limits.read_timeout_s,
     )
