@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -18,6 +19,8 @@ from shoal.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_body(error: ShoalError) -> bytes:
@@ -64,9 +67,7 @@ def from_http_exception(exc: web.HTTPException) -> ShoalError:
 
 
 @web.middleware
-async def errors_middleware(
-    request: web.Request, handler: web.RequestHandler
-) -> web.StreamResponse:
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ShoalError as exc:

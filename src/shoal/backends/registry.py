@@ -29,7 +29,7 @@ def next_probe_delay(failures: int, interval_s: float) -> float:
     if failures <= 0:
         return interval_s
     # The exponent is capped: a backend down for days must not overflow a float.
-    return min(interval_s, FIRST_RETRY_S * 2 ** min(failures - 1, 32))
+    return min(interval_s, FIRST_RETRY_S * 2.0 ** min(failures - 1, 32))
 
 
 @dataclass(slots=True)

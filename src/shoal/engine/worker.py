@@ -152,9 +152,10 @@ class Generator:
                 emit(_DONE)
 
 
-def _finish_reason(chunk: dict[str, Any]) -> str | None:
+def _finish_reason(chunk: Any) -> str | None:
     choices = chunk.get("choices") or [{}]
-    return choices[0].get("finish_reason")
+    reason = choices[0].get("finish_reason")
+    return str(reason) if reason else None
 
 
 def sampling_kwargs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
