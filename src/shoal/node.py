@@ -18,6 +18,7 @@ from shoal import __version__
 from shoal.api.app import build_app
 from shoal.backends.detect import Detector, make_backend
 from shoal.backends.registry import BackendEntry, BackendRegistry
+from shoal.engine.supervisor import EngineBackend
 from shoal.routing.dispatch import Dispatcher
 from shoal.settings import Settings
 
@@ -46,10 +47,8 @@ class Node:
         self.dispatcher = Dispatcher(
             self.registry, deadline_s=settings.limits.connect_timeout_s * 4
         )
-        self.engine: Any = None
+        self.engine: EngineBackend | None = None
         if settings.engine.enabled:
-            from shoal.engine.supervisor import EngineBackend
-
             self.engine = EngineBackend(settings.engine, settings.limits)
             entry = self.registry.add(self.engine)
             self.engine.on_status = functools.partial(self.registry.record, entry)

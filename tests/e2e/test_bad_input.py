@@ -57,9 +57,10 @@ def test_bad_body_is_a_400(engine_node: NodeProcess, path: str, body: bytes, par
 
 def test_unknown_model_is_a_404(engine_node: NodeProcess) -> None:
     body = orjson.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})
-    status, _, document = _post(engine_node, CHAT, body)
+    status, headers, document = _post(engine_node, CHAT, body)
     assert status == 404
     assert _assert_openai_error(document, "model")["code"] == "model_not_found"
+    assert headers["X-Shoal-Served-By"]  # errors say who answered too
 
 
 def test_wrong_operation_for_a_model_is_a_400(engine_node: NodeProcess) -> None:

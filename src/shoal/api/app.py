@@ -30,4 +30,10 @@ def build_app(node: Node) -> web.Application:
     )
     app[NODE] = node
     app.add_routes(ROUTES)
+    served_by = node.name
+
+    async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.setdefault("X-Shoal-Served-By", served_by)
+
+    app.on_response_prepare.append(stamp)
     return app

@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 
 from shoal.api.relay import relay
-from shoal.api.requests import ChatRequest, CompletionRequest, EmbeddingRequest, _Body, parse
+from shoal.api.requests import ChatRequest, CompletionRequest, EmbeddingRequest, RequestBody, parse
 from shoal.api.state import NODE
 from shoal.backends.base import Operation
 from shoal.errors import PayloadTooLarge
@@ -49,23 +49,18 @@ async def list_models(request: web.Request) -> web.Response:
         model["loaded"] = model["loaded"] or info.loaded
         model["backends"].append(entry.backend.name)
     body = {"object": "list", "data": sorted(merged.values(), key=lambda m: m["id"])}
-    return web.Response(
-        body=orjson.dumps(body),
-        content_type="application/json",
-        headers={"X-Shoal-Served-By": node.name},
-    )
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-async def _forward(request: web.Request, op: Operation, schema: type[_Body]) -> web.StreamResponse:
+async def _forward(
+    request: web.Request, op: Operation, schema: type[RequestBody]
+) -> web.StreamResponse:
     node = request.app[NODE]
     raw = await _read_body(request, node.settings.limits.max_body_bytes)
     body = parse(schema, raw)
     async with node.dispatcher.open(op, body.model, raw) as opened:
-        headers = {
-            "X-Shoal-Served-By": node.name,
-            "X-Shoal-Route": "retried" if opened.retried else "local",
-        }
-        return await relay(request, opened.upstream, headers)
+        route = "retried" if opened.retried else "local"
+        return await relay(request, opened.upstream, {"X-Shoal-Route": route})
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

@@ -19,7 +19,7 @@ _MAX_ITEMS = 2048  # OpenAI's limit on embedding inputs per request
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     model: str = Field(min_length=1, max_length=_MAX_ID)
@@ -31,7 +31,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Generation(_Body):
+class _Generation(RequestBody):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
@@ -62,7 +62,7 @@ class CompletionRequest(_Generation):
     echo: bool = False
 
 
-class EmbeddingRequest(_Body):
+class EmbeddingRequest(RequestBody):
     input: (
         Annotated[str, Field(min_length=1)]
         | Annotated[list[str], Field(min_length=1, max_length=_MAX_ITEMS)]
@@ -73,7 +73,7 @@ class EmbeddingRequest(_Body):
     dimensions: int | None = Field(default=None, ge=1, le=65536)
 
 
-def parse(model: type[_Body], raw: bytes) -> Any:
+def parse(model: type[RequestBody], raw: bytes) -> Any:
     """Decode and check a body; raise InvalidRequest naming the offending field."""
     if not raw:
         raise InvalidRequest("request body is empty; send a JSON object")

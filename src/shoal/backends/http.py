@@ -87,7 +87,6 @@ class HttpTransport:
                 timeout=self._timeout,
                 headers=self._headers,
                 skip_auto_headers=("User-Agent",),
-                json_serialize=lambda obj: orjson.dumps(obj).decode(),
             )
         return self._session
 
