@@ -9,7 +9,6 @@ import logging
 import secrets
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -19,33 +18,40 @@ from shoal.api.app import build_app
 from shoal.backends.detect import Detector, make_backend
 from shoal.backends.registry import BackendEntry, BackendRegistry
 from shoal.engine.supervisor import EngineBackend
+from shoal.mesh import identity, scan
+from shoal.mesh.mdns import MdnsDiscovery, advertised_addresses
+from shoal.mesh.peers import Peer, Peers
+from shoal.mesh.state import Hardware, Load, ModelAdvert, NodeState, local_hardware
 from shoal.routing.dispatch import Dispatcher
+from shoal.routing.router import Router
 from shoal.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def load_or_create_node_id(data_dir: Path) -> str:
-    """A stable random ID, kept in the data dir (becomes the key fingerprint later)."""
-    path = data_dir / "node_id"
-    if path.is_file():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    node_id = secrets.token_hex(32)
-    path.write_text(node_id + "\n")
-    return node_id
 
 
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.name = settings.name
-        self.node_id = load_or_create_node_id(settings.data_dir)
+        self.identity = identity.load_or_create(settings.data_dir)
+        self.node_id = self.identity.node_id
         self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
+        self._state_seq = 0
+        self.instance = secrets.token_hex(8)
+        self.duplicate_of: str | None = None
+        self.hardware = local_hardware()
+        self.port = settings.port
         self.registry = BackendRegistry(interval_s=settings.detect.interval_s)
-        # Trying candidates in turn must end while a client is still waiting.
+        self.registry.on_change = self._models_changed
+        self.peers = Peers(
+            self.node_id, self.snapshot, settings.mesh, settings.limits, static=settings.peers
+        )
+        self.router = Router(self.node_id, self.name, self.registry, self.peers, settings.routing)
         self.dispatcher = Dispatcher(
-            self.registry, deadline_s=settings.limits.connect_timeout_s * 4
+            self.router,
+            deadline_s=settings.routing.retry_deadline_s,
+            on_load_change=self._load_changed,
         )
         self.engine: EngineBackend | None = None
         if settings.engine.enabled:
@@ -60,6 +66,62 @@ class Node:
         self.app = build_app(self)
         self.url = ""
 
+    # -- what this node tells its peers ----------------------------------------------
+
+    def snapshot(self) -> NodeState:
+        self._state_seq += 1
+        models: dict[str, ModelAdvert] = {}
+        for info, _ in self.registry.models():
+            known = models.get(info.id)
+            models[info.id] = ModelAdvert(
+                id=info.id,
+                loaded=info.loaded or (known is not None and known.loaded),
+                operations=tuple(sorted(info.operations)),
+                size_bytes=info.size_bytes,
+                quantization=info.quantization,
+                context_length=info.context_length,
+            )
+        return NodeState(
+            node_id=self.node_id,
+            name=self.name,
+            version=__version__,
+            api_port=self.port,
+            seq=self._state_seq,
+            instance=self.instance,
+            uptime_s=round(time.monotonic() - self._started_monotonic, 3),
+            models=tuple(models.values()),
+            load=Load(
+                in_flight=self.local_in_flight(),
+                capacity=self.settings.routing.spillover_max_local_in_flight,
+            ),
+            hardware=self.hardware,
+        )
+
+    def duplicate_id_seen(self, where: str) -> None:
+        """Another live process presents our ID: report it loudly, keep serving."""
+        if self.duplicate_of != where:
+            log.error(
+                "another node at %s presents this node's ID %s: was the data dir copied? "
+                "Delete node.key on one of them to give it an identity of its own.",
+                where,
+                self.identity.short_id,
+            )
+        self.duplicate_of = where
+
+    def local_in_flight(self) -> int:
+        return sum(entry.in_flight for entry in self.registry.entries())
+
+    def _models_changed(self) -> None:
+        self.peers.changed()
+
+    def _load_changed(self, in_flight: int) -> None:
+        # Peers rank us by load: tell them when we cross the spillover threshold.
+        threshold = self.settings.routing.spillover_max_local_in_flight
+        if in_flight in (threshold, threshold - 1):
+            self.peers.changed()
+
+    # -- views ------------------------------------------------------------------------
+
     async def refresh(self, timeout_s: float = 1.5) -> None:
         """Probe every backend now, so a status shows the present, not the last probe.
 
@@ -73,13 +135,38 @@ class Node:
         return {
             "name": self.name,
             "node_id": self.node_id,
+            "short_id": self.identity.short_id,
             "version": __version__,
             "url": self.url,
             "uptime_s": round(time.time() - self.started_at, 1),
             "in_flight": self.dispatcher.in_flight,
+            "local_in_flight": self.local_in_flight(),
+            "hardware": _hardware_dict(self.hardware),
             "backends": [_backend_status(entry) for entry in self.registry.entries()],
             "models": sorted({info.id for info, _ in self.registry.models()}),
+            "peers": len(self.peers.routable()),
+            "duplicate_id_at": self.duplicate_of,
         }
+
+    def peer_list(self) -> list[dict[str, Any]]:
+        return [_peer_dict(peer) for peer in self.peers.peers()]
+
+    async def scan(self) -> list[dict[str, Any]]:
+        """Probe the local /24s for Shoal nodes; the ones found join the peer table."""
+        own = set(advertised_addresses(self.settings.bind_host))
+        targets = scan.scan_targets(scan.local_networks(), self.settings.port, exclude=own)
+        found = await scan.scan(
+            targets,
+            lambda url: self.peers.probe(url, "scan", timeout_s=1.5),
+            self.settings.mesh.scan_concurrency,
+        )
+        return [
+            {"url": url, "node_id": state.node_id, "name": state.name}
+            for url, state in found
+            if state.node_id != self.node_id
+        ]
+
+    # -- lifetime ---------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; every background task ends with the node."""
@@ -89,23 +176,98 @@ class Node:
         site = web.TCPSite(runner, host, self.settings.port, reuse_address=True)
         try:
             await site.start()
-            port = runner.addresses[0][1]
-            self.url = f"http://{host}:{port}"
-            log.info("shoal node %r listening on %s", self.name, self.url)
-            tasks: list[asyncio.Task[None]] = []
+            self.port = runner.addresses[0][1]
+            self.url = f"http://{host}:{self.port}"
+            log.info(
+                "shoal node %r (%s) listening on %s", self.name, self.identity.short_id, self.url
+            )
             async with asyncio.TaskGroup() as group:
-                tasks.append(group.create_task(self.registry.run()))
+                tasks = [
+                    group.create_task(self.registry.run()),
+                    group.create_task(self.peers.run()),
+                ]
                 if self.engine is not None:
                     tasks.append(group.create_task(self.engine.run()))
                 if self.settings.detect.enabled:
                     tasks.append(group.create_task(self.detector.run()))
+                if self.settings.lan:
+                    tasks.append(group.create_task(self._lan()))
                 await stop.wait()
+                await self.peers.say_goodbye()
                 for task in tasks:
                     task.cancel()
         finally:
             await runner.cleanup()
             await self.registry.aclose()
+            await self.peers.aclose()
             log.info("shoal node %r stopped", self.name)
+
+    async def _lan(self) -> None:
+        """LAN mode: mDNS, and one subnet scan if mDNS finds nobody soon enough."""
+        async with asyncio.TaskGroup() as group:
+            if self.settings.mesh.mdns:
+                mdns = MdnsDiscovery(
+                    self.node_id,
+                    self.name,
+                    self.port,
+                    advertised_addresses(self.settings.bind_host),
+                    on_sighted=lambda peer_id, url: self.peers.sighted(peer_id, url, "mdns"),
+                    on_gone=self.peers.goodbye,
+                )
+                group.create_task(mdns.run())
+            try:
+                await asyncio.wait_for(
+                    self.peers.first_peer.wait(), self.settings.mesh.scan_after_s
+                )
+            except TimeoutError:
+                log.info(
+                    "no peer found by mDNS in %.0f s: scanning the local /24",
+                    self.settings.mesh.scan_after_s,
+                )
+                found = await self.scan()
+                log.info("subnet scan found %d node(s)", len(found))
+
+
+def _hardware_dict(hardware: Hardware) -> dict[str, Any]:
+    return {
+        "cpu": hardware.cpu,
+        "cores": hardware.cores,
+        "ram_bytes": hardware.ram_bytes,
+        "gpu": hardware.gpu,
+        "vram_bytes": hardware.vram_bytes,
+        "score": round(hardware.score, 2),
+    }
+
+
+def _peer_dict(peer: Peer) -> dict[str, Any]:
+    view, state = peer.view, peer.state
+    now = time.monotonic()
+    return {
+        "node_id": view.peer_id,
+        "name": state.name if state else None,
+        "address": view.address,
+        "state": view.state.value,
+        "health": view.health.value,
+        "sources": sorted(view.sources),
+        "last_seen_s_ago": None if view.last_seen is None else round(now - view.last_seen, 1),
+        "heartbeat_interval_s": view.interval_s,
+        "version": state.version if state else None,
+        "uptime_s": state.uptime_s if state else None,
+        "models": [
+            {"id": m.id, "loaded": m.loaded, "operations": list(m.operations)}
+            for m in (state.models if state else ())
+        ],
+        "load": (
+            {
+                "in_flight": state.load.in_flight,
+                "queued": state.load.queued,
+                "capacity": state.load.capacity,
+            }
+            if state
+            else None
+        ),
+        "hardware": _hardware_dict(state.hardware) if state else None,
+    }
 
 
 def _backend_status(entry: BackendEntry) -> dict[str, Any]:

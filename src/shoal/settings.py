@@ -115,6 +115,43 @@ class LimitSettings(_Section):
     read_timeout_s: float = Field(default=300.0, gt=0)
 
 
+Strategy = Literal["local_spillover", "least_loaded", "round_robin"]
+
+
+class RoutingSettings(_Section):
+    """Which node serves a request (DESIGN §4)."""
+
+    strategy: Strategy = "local_spillover"
+    # local_spillover serves here while fewer than this many requests run here.
+    spillover_max_local_in_flight: int = Field(default=2, ge=1, le=100_000)
+    # Names that mean the same model: `"llama3" = ["llama3:8b-instruct-q4_K_M", ...]`.
+    model_aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    # Seconds for trying candidates in turn before giving up on a request.
+    retry_deadline_s: float = Field(default=15.0, gt=0)
+
+
+class MeshSettings(_Section):
+    """Finding peers and keeping them (DESIGN §3). Times in seconds."""
+
+    # Advertise and browse `_shoal._tcp.local.` in LAN mode.
+    mdns: bool = True
+    # One automatic scan of the local /24 when LAN mode has found no peer by then.
+    scan_after_s: float = Field(default=10.0, gt=0)
+    scan_concurrency: int = Field(default=64, ge=1, le=1024)
+    # A heartbeat (a state exchange) that takes longer than this is a miss. Generous: a
+    # delayed or lossy link must not look dead (TCP retransmits a lost SYN after 1 s).
+    heartbeat_timeout_s: float = Field(default=3.0, gt=0)
+    # Adaptive heartbeat interval: new or unstable peers, established, long stable.
+    new_interval_s: float = Field(default=5.0, gt=0)
+    established_interval_s: float = Field(default=15.0, gt=0)
+    stable_interval_s: float = Field(default=30.0, gt=0)
+    misses_to_remove: int = Field(default=3, ge=1)
+    # After a miss, check again this soon, to confirm a death or clear a blip quickly.
+    suspect_retry_s: float = Field(default=1.0, gt=0)
+    # Changes to this node's state (models, load) are pushed at most this often.
+    push_min_interval_s: float = Field(default=0.25, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         frozen=True,
@@ -130,12 +167,24 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     backends: tuple[BackendSettings, ...] = ()
+    # Peers to join by address, for networks where mDNS does not reach.
+    peers: tuple[str, ...] = ()
+    routing: RoutingSettings = RoutingSettings()
+    mesh: MeshSettings = MeshSettings()
     detect: DetectSettings = DetectSettings()
     engine: EngineSettings = EngineSettings()
     limits: LimitSettings = LimitSettings()
 
     # Set by `load`, not by the user: where the file values came from.
     config_path: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_urls(cls, peers: tuple[str, ...]) -> tuple[str, ...]:
+        for url in peers:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} must start with http:// or https://")
+        return tuple(url.rstrip("/") for url in peers)
 
     @property
     def bind_host(self) -> str:

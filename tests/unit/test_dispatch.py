@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,24 @@ from shoal.errors import (
     UpstreamTimeout,
 )
 from shoal.routing.dispatch import Dispatcher
+from shoal.routing.rank import HopPolicy
+from shoal.routing.router import Router
+from shoal.settings import RoutingSettings
+
+ANYWHERE = HopPolicy()
+
+
+class InOrder(random.Random):
+    """Ties keep the registry's order, so tests can name who is tried first."""
+
+    def shuffle(self, x: Any, random: Any = None) -> None:
+        return None
+
+
+def dispatcher_over(registry: BackendRegistry, deadline_s: float = 60.0) -> Dispatcher:
+    router = Router("self", "me", registry, None, RoutingSettings(), rng=InOrder())
+    return Dispatcher(router, deadline_s=deadline_s)
+
 
 CHAT = Operation.CHAT
 EMBED = Operation.EMBEDDING
@@ -94,7 +113,7 @@ def make(
         backend.entry = entry
         backends.append(backend)
         entries.append(entry)
-    return Dispatcher(registry, deadline_s=deadline_s), registry, backends, entries
+    return dispatcher_over(registry, deadline_s), registry, backends, entries
 
 
 def assert_idle(dispatcher: Dispatcher, entries: list[BackendEntry]) -> None:
@@ -108,9 +127,9 @@ def assert_idle(dispatcher: Dispatcher, entries: list[BackendEntry]) -> None:
 async def test_success_from_the_first_candidate() -> None:
     upstream = FakeUpstream(200, b'{"ok": true}')
     dispatcher, _, backends, entries = make(upstream, None)
-    async with dispatcher.open(CHAT, "m", BODY) as opened:
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE) as opened:
         assert opened.upstream is upstream
-        assert opened.entry is entries[0]
+        assert opened.target.name == "a"
         assert opened.retried is False
         assert dispatcher.in_flight == 1
         assert entries[0].in_flight == 1
@@ -124,8 +143,8 @@ async def test_success_from_the_first_candidate() -> None:
 async def test_the_least_busy_candidate_is_tried_first() -> None:
     dispatcher, _, backends, entries = make(None, None)
     entries[0].in_flight = 2
-    async with dispatcher.open(CHAT, "m", BODY) as opened:
-        assert opened.entry is entries[1]
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE) as opened:
+        assert opened.target.name == "b"
         assert opened.retried is False
     assert backends[0].sent == []
     entries[0].in_flight = 0
@@ -134,7 +153,7 @@ async def test_the_least_busy_candidate_is_tried_first() -> None:
 
 async def test_in_flight_counts_while_sending() -> None:
     dispatcher, _, backends, entries = make(UpstreamFailed("x"), None)
-    async with dispatcher.open(CHAT, "m", BODY):
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
         pass
     assert backends[0].in_flight_during_send == 1
     assert backends[1].in_flight_during_send == 1
@@ -160,9 +179,9 @@ async def test_falls_through_to_the_next_candidate(failure: Any) -> None:
     first = failure()
     good = FakeUpstream(200)
     dispatcher, _, backends, entries = make(first, good)
-    async with dispatcher.open(CHAT, "m", BODY) as opened:
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE) as opened:
         assert opened.upstream is good
-        assert opened.entry is entries[1]
+        assert opened.target.name == "b"
         assert opened.retried is True
         assert entries[0].in_flight == 0
         assert entries[1].in_flight == 1
@@ -178,7 +197,7 @@ async def test_falls_through_several_candidates() -> None:
     dispatcher, _, backends, entries = make(
         UpstreamTimeout("slow"), FakeUpstream(500), UpstreamFailed("reset"), good
     )
-    async with dispatcher.open(CHAT, "m", BODY) as opened:
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE) as opened:
         assert opened.upstream is good
         assert opened.retried is True
     assert [len(b.sent) for b in backends] == [1, 1, 1, 1]
@@ -187,7 +206,7 @@ async def test_falls_through_several_candidates() -> None:
 
 async def test_backend_unavailable_marks_the_backend_down() -> None:
     dispatcher, registry, _, entries = make(BackendUnavailable("connection refused"), None)
-    async with dispatcher.open(CHAT, "m", BODY):
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
         pass
     assert entries[0].status.health is Health.DOWN
     assert entries[0].status.reason == "connection refused"
@@ -201,7 +220,7 @@ async def test_backend_unavailable_marks_the_backend_down() -> None:
 )
 async def test_other_failures_leave_the_backend_up(failure: Any) -> None:
     dispatcher, _, _, entries = make(failure, None)
-    async with dispatcher.open(CHAT, "m", BODY):
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
         pass
     assert entries[0].healthy
 
@@ -210,7 +229,7 @@ async def test_other_failures_leave_the_backend_up(failure: Any) -> None:
 async def test_4xx_passes_through_without_retry(status: int) -> None:
     answer = FakeUpstream(status, error_body("bad"))
     dispatcher, _, backends, entries = make(answer, None)
-    async with dispatcher.open(CHAT, "m", BODY) as opened:
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE) as opened:
         assert opened.upstream is answer
         assert opened.upstream.status == status
         assert opened.retried is False
@@ -227,7 +246,7 @@ async def test_all_fail_raises_the_last_failure() -> None:
     last = UpstreamTimeout("second too")
     dispatcher, _, _, entries = make(UpstreamFailed("first"), last)
     with pytest.raises(UpstreamTimeout) as caught:
-        async with dispatcher.open(CHAT, "m", BODY):
+        async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
             pytest.fail("no answer should be open")
     assert caught.value is last
     assert_idle(dispatcher, entries)
@@ -251,7 +270,7 @@ async def test_a_5xx_from_the_last_candidate_becomes_an_error(
     answer = FakeUpstream(status, body)
     dispatcher, _, _, entries = make(answer)
     with pytest.raises(error) as caught:
-        async with dispatcher.open(CHAT, "m", BODY):
+        async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
             pass
     assert type(caught.value) is error
     assert text in caught.value.message
@@ -264,7 +283,7 @@ async def test_a_5xx_whose_body_cannot_be_read_reports_the_read_failure() -> Non
     answer = FakeUpstream(500, read_error=broken)
     dispatcher, _, _, entries = make(answer)
     with pytest.raises(UpstreamTimeout) as caught:
-        async with dispatcher.open(CHAT, "m", BODY):
+        async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
             pass
     assert caught.value is broken
     assert answer.closed >= 1
@@ -275,7 +294,7 @@ async def test_the_deadline_stops_falling_through() -> None:
     first = UpstreamFailed("first")
     dispatcher, _, backends, entries = make(first, None, deadline_s=0)
     with pytest.raises(UpstreamFailed) as caught:
-        async with dispatcher.open(CHAT, "m", BODY):
+        async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
             pass
     assert caught.value is first
     assert backends[1].sent == []
@@ -284,8 +303,8 @@ async def test_the_deadline_stops_falling_through() -> None:
 
 async def test_the_first_candidate_is_tried_even_with_no_time_left() -> None:
     dispatcher, _, backends, entries = make(None, deadline_s=0)
-    async with dispatcher.open(CHAT, "m", BODY) as opened:
-        assert opened.entry is entries[0]
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE) as opened:
+        assert opened.target.name == "a"
     assert len(backends[0].sent) == 1
 
 
@@ -295,7 +314,7 @@ async def test_the_first_candidate_is_tried_even_with_no_time_left() -> None:
 async def test_unknown_model_is_model_not_found() -> None:
     dispatcher, _, backends, entries = make(None)
     with pytest.raises(ModelNotFound) as caught:
-        async with dispatcher.open(CHAT, "nope", BODY):
+        async with dispatcher.open(CHAT, "nope", BODY, ANYWHERE):
             pass
     assert caught.value.status == 404
     assert caught.value.param == "model"
@@ -308,7 +327,7 @@ async def test_known_model_on_a_down_backend_is_503() -> None:
     dispatcher, registry, backends, entries = make(None)
     registry.mark_down(entries[0], "connection refused")
     with pytest.raises(BackendUnavailable) as caught:
-        async with dispatcher.open(CHAT, "m", BODY):
+        async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
             pass
     assert caught.value.status == 503
     assert caught.value.retry_after == 2
@@ -320,7 +339,7 @@ async def test_known_model_on_a_down_backend_is_503() -> None:
 async def test_model_without_the_operation_is_invalid_request() -> None:
     dispatcher, _, backends, entries = make(None, models=(ModelInfo("m", operations=GENERATION),))
     with pytest.raises(InvalidRequest) as caught:
-        async with dispatcher.open(EMBED, "m", BODY):
+        async with dispatcher.open(EMBED, "m", BODY, ANYWHERE):
             pass
     assert caught.value.status == 400
     assert caught.value.param == "model"
@@ -334,7 +353,7 @@ async def test_model_on_a_down_backend_beside_a_healthy_one_without_it_is_503() 
     registry.record(entries[1], BackendStatus(Health.HEALTHY, models=(ModelInfo("other"),)))
     registry.mark_down(entries[0], "refused")
     with pytest.raises(BackendUnavailable):
-        async with dispatcher.open(CHAT, "m", BODY):
+        async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
             pass
 
 
@@ -346,9 +365,9 @@ async def test_down_holder_of_the_operation_is_503_even_if_another_holder_is_up(
     embedding_model = ModelInfo("m", operations=frozenset({EMBED}))
     registry.record(embed_backend, BackendStatus(Health.HEALTHY, models=(embedding_model,)))
     registry.mark_down(embed_backend, "refused")
-    dispatcher = Dispatcher(registry, deadline_s=60)
+    dispatcher = dispatcher_over(registry)
     with pytest.raises(BackendUnavailable):
-        async with dispatcher.open(EMBED, "m", BODY):
+        async with dispatcher.open(EMBED, "m", BODY, ANYWHERE):
             pass
 
 
@@ -359,7 +378,7 @@ async def test_an_exception_in_the_body_releases_and_closes() -> None:
     upstream = FakeUpstream(200)
     dispatcher, _, _, entries = make(upstream)
     with pytest.raises(RuntimeError, match="client went away"):
-        async with dispatcher.open(CHAT, "m", BODY):
+        async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
             raise RuntimeError("client went away")
     assert upstream.closed == 1
     assert_idle(dispatcher, entries)
@@ -371,7 +390,7 @@ async def test_cancelled_while_relaying_releases_and_closes() -> None:
     inside = asyncio.Event()
 
     async def relay() -> None:
-        async with dispatcher.open(CHAT, "m", BODY):
+        async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
             inside.set()
             await asyncio.Event().wait()
 
@@ -386,7 +405,10 @@ async def test_cancelled_while_relaying_releases_and_closes() -> None:
 
 async def test_concurrent_opens_count_and_release() -> None:
     dispatcher, _, _, entries = make(None)
-    async with dispatcher.open(CHAT, "m", BODY), dispatcher.open(CHAT, "m", BODY):
+    async with (
+        dispatcher.open(CHAT, "m", BODY, ANYWHERE),
+        dispatcher.open(CHAT, "m", BODY, ANYWHERE),
+    ):
         assert dispatcher.in_flight == 2
         assert entries[0].in_flight == 2
     assert_idle(dispatcher, entries)
@@ -409,10 +431,10 @@ async def test_cancelled_while_sending_releases_the_backend() -> None:
     backend = HangingBackend("a")
     entry = registry.add(backend)
     registry.record(entry, BackendStatus(Health.HEALTHY, models=(ModelInfo("m"),)))
-    dispatcher = Dispatcher(registry, deadline_s=60)
+    dispatcher = dispatcher_over(registry)
 
     async def request() -> None:
-        async with dispatcher.open(CHAT, "m", BODY):
+        async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
             pass
 
     task = asyncio.create_task(request())

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from shoal.api import openai, operator
+from shoal.api import mesh, openai, operator
 from shoal.api.errors import errors_middleware
 from shoal.api.state import NODE
 
@@ -20,6 +20,11 @@ ROUTES = [
     web.post("/v1/embeddings", openai.embeddings),
     web.get("/healthz", operator.healthz),
     web.get("/shoal/v1/status", operator.status),
+    web.get("/shoal/v1/peers", mesh.list_peers),
+    web.post("/shoal/v1/peers", mesh.join),
+    web.post("/shoal/v1/peers/scan", mesh.scan),
+    web.post("/shoal/v1/mesh/state", mesh.exchange_state),
+    web.post("/shoal/v1/mesh/goodbye", mesh.goodbye),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import orjson
@@ -12,6 +13,7 @@ from shoal.api.requests import ChatRequest, CompletionRequest, EmbeddingRequest,
 from shoal.api.state import NODE
 from shoal.backends.base import Operation
 from shoal.errors import PayloadTooLarge
+from shoal.routing.rank import hop_policy
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -27,29 +29,35 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """Every model the cluster can serve now, each once, with the nodes that hold it."""
     node = request.app[NODE]
     merged: dict[str, dict[str, Any]] = {}
-    for info, entry in node.registry.models():
+
+    def add(model_id: str, node_name: str, loaded: bool, facts: dict[str, Any]) -> None:
         model = merged.setdefault(
-            info.id,
-            {
-                "id": info.id,
-                "object": "model",
-                "created": 0,
-                "owned_by": "shoal",
-                "loaded": False,
-                "nodes": [node.name],
-                "backends": [],
-                "context_length": info.context_length,
-                "quantization": info.quantization,
-                "size_bytes": info.size_bytes,
-                "operations": sorted(info.operations),
-            },
-        )
-        model["loaded"] = model["loaded"] or info.loaded
-        model["backends"].append(entry.backend.name)
+            model_id,
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "shoal",
+             "loaded": False, "nodes": [], "backends": [], **facts},
+        )  # fmt: skip
+        model["loaded"] = model["loaded"] or loaded
+        if node_name not in model["nodes"]:
+            model["nodes"].append(node_name)
+
+    for info, entry in node.registry.models():
+        add(info.id, node.name, info.loaded, _facts(info.as_dict()))
+        merged[info.id]["backends"].append(entry.backend.name)
+    if not hop_policy(request.headers).local_only:
+        for peer in node.peers.routable():
+            assert peer.state is not None
+            for advert in peer.state.models:
+                add(advert.id, peer.state.name, advert.loaded, _facts(asdict(advert)))
     body = {"object": "list", "data": sorted(merged.values(), key=lambda m: m["id"])}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def _facts(model: dict[str, Any]) -> dict[str, Any]:
+    keys = ("context_length", "quantization", "size_bytes", "operations")
+    return {key: model.get(key) for key in keys}
 
 
 async def _forward(
@@ -58,9 +66,12 @@ async def _forward(
     node = request.app[NODE]
     raw = await _read_body(request, node.settings.limits.max_body_bytes)
     body = parse(schema, raw)
-    async with node.dispatcher.open(op, body.model, raw) as opened:
-        route = "retried" if opened.retried else "local"
-        return await relay(request, opened.upstream, {"X-Shoal-Route": route})
+    policy = hop_policy(request.headers)
+    async with node.dispatcher.open(op, body.model, raw, policy) as opened:
+        headers = {"X-Shoal-Route": opened.route}
+        if opened.upstream.served_by:  # the peer that produced it says so
+            headers["X-Shoal-Served-By"] = opened.upstream.served_by
+        return await relay(request, opened.upstream, headers)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

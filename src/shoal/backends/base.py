@@ -69,6 +69,8 @@ class Upstream(Protocol):
 
     status: int
     content_type: str
+    # The node that produced the answer, when it came through a peer.
+    served_by: str | None
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives. Raises UpstreamFailed / UpstreamTimeout."""

@@ -19,12 +19,14 @@ from shoal.errors import BackendUnavailable, UpstreamFailed, UpstreamTimeout
 class HttpUpstream:
     """An aiohttp response being relayed. Implements `Upstream`."""
 
-    __slots__ = ("_response", "content_type", "status")
+    __slots__ = ("_response", "content_type", "served_by", "status")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status
         self.content_type = response.headers.get("Content-Type", "application/json")
+        # Set when the answer comes from another Shoal node (a peer, after a hop).
+        self.served_by = response.headers.get("X-Shoal-Served-By")
 
     async def chunks(self) -> AsyncIterator[bytes]:
         content = self._response.content
@@ -65,13 +67,16 @@ class HttpTransport:
         read_timeout_s: float,
         api_key: str | None = None,
         unix_socket: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout_s, sock_read=read_timeout_s
         )
         self._probe_timeout = aiohttp.ClientTimeout(total=max(connect_timeout_s, 2.0) + 3.0)
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = dict(headers or {})
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self._unix_socket = unix_socket
         self._session: aiohttp.ClientSession | None = None
 
@@ -110,6 +115,20 @@ class HttpTransport:
         async with self._client().get(f"{self.base_url}{path}", timeout=timeout) as response:
             response.raise_for_status()
             return orjson.loads(await response.read())
+
+    async def post(self, path: str, body: bytes, timeout_s: float) -> bytes:
+        """POST a small JSON message (peer protocol); the answer's body on 2xx.
+
+        Raises aiohttp errors (ClientResponseError on a non-2xx) and TimeoutError.
+        """
+        async with self._client().post(
+            f"{self.base_url}{path}",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(timeout_s),
+        ) as response:
+            response.raise_for_status()
+            return await response.read()
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from shoal.backends.base import Backend, BackendStatus, Health, ModelInfo, Operation
@@ -54,6 +54,8 @@ class BackendRegistry:
         self.interval_s = interval_s
         self._entries: dict[str, BackendEntry] = {}
         self._wake = asyncio.Event()
+        # Called when the set of servable models may have changed (a backend came or went).
+        self.on_change: Callable[[], None] = lambda: None
 
     # -- membership ---------------------------------------------------------------
 
@@ -120,13 +122,17 @@ class BackendRegistry:
 
     def record(self, entry: BackendEntry, status: BackendStatus, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        was = entry.status.health
+        was, models_before = entry.status.health, entry.last_models
         entry.status = status
         entry.failures = 0 if status.health is Health.HEALTHY else entry.failures + 1
         entry.next_probe = now + next_probe_delay(entry.failures, self.interval_s)
         if status.health is Health.HEALTHY:
             entry.last_models = status.models
         self._wake.set()
+        if was is not status.health or (
+            status.health is Health.HEALTHY and status.models != models_before
+        ):
+            self.on_change()
         if was is not status.health:
             log.info(
                 "backend %s (%s) is %s%s",

@@ -24,7 +24,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from shoal.backends.base import GENERATION, BackendStatus, Health, ModelInfo, Operation
+from shoal.backends.base import (
+    GENERATION,
+    BackendStatus,
+    Health,
+    ModelInfo,
+    Operation,
+    Upstream,
+)
 from shoal.backends.http import PROBE_ERRORS, HttpTransport, HttpUpstream
 from shoal.engine import assets
 from shoal.errors import BackendUnavailable, UpstreamFailed
@@ -95,7 +102,7 @@ class EngineBackend:
             return BackendStatus(Health.DOWN, self.models, reason="not answering its health check")
         return BackendStatus(Health.HEALTHY, self.models, detail=self._detail(health))
 
-    async def send(self, op: Operation, body: bytes) -> _EngineUpstream:
+    async def send(self, op: Operation, body: bytes) -> Upstream:
         if self._status.health is not Health.HEALTHY:
             raise BackendUnavailable(
                 f"the embedded engine is {self._status.reason}", retry_after=self._retry_after()
@@ -229,6 +236,7 @@ class _EngineUpstream:
         self._upstream = upstream
         self.status = upstream.status
         self.content_type = upstream.content_type
+        self.served_by: str | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:

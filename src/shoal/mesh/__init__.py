@@ -1,0 +1,1 @@
+"""The mesh: finding peers, knowing their state, and keeping them."""

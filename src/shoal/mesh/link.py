@@ -1,0 +1,46 @@
+"""HTTP to one peer: the state exchange, goodbye, and requests forwarded to it.
+
+A forwarded request carries the hop header, so the peer serves it itself or fails:
+a request crosses at most one hop and loops are impossible.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from shoal.backends.base import Operation
+from shoal.backends.http import HttpTransport, HttpUpstream
+from shoal.mesh.state import NodeState, decode
+from shoal.routing.rank import HOP_HEADER
+from shoal.settings import LimitSettings
+
+STATE_PATH = "/shoal/v1/mesh/state"
+GOODBYE_PATH = "/shoal/v1/mesh/goodbye"
+
+
+class PeerLink:
+    kind = "peer"
+
+    def __init__(self, url: str, limits: LimitSettings) -> None:
+        self.url = url.rstrip("/")
+        self.location = self.url
+        self.name = self.url
+        self._transport = HttpTransport(
+            self.url,
+            connect_timeout_s=limits.connect_timeout_s,
+            read_timeout_s=limits.read_timeout_s,
+            headers={HOP_HEADER: "1"},
+        )
+
+    async def exchange(self, ours: NodeState, timeout_s: float) -> NodeState:
+        """Send our snapshot, get theirs: one heartbeat. Raises on failure."""
+        return decode(await self._transport.post(STATE_PATH, ours.encode(), timeout_s))
+
+    async def goodbye(self, node_id: str, timeout_s: float) -> None:
+        await self._transport.post(GOODBYE_PATH, orjson.dumps({"node_id": node_id}), timeout_s)
+
+    async def send(self, op: Operation, body: bytes) -> HttpUpstream:
+        return await self._transport.send(op, body)
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

@@ -1,0 +1,230 @@
+"""A node's state snapshot, as peers exchange it on every heartbeat, and its codec.
+
+The snapshot says what a node can serve (models, with aliases and whether loaded), how
+busy it is (in flight, queued, capacity), what it runs on (hardware) and since when.
+`seq` grows with every change, so a receiver keeps only the newest it has seen.
+Decoding checks every field: a peer's bytes are input like any other.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+PROTOCOL_VERSION = 1
+_MAX_MODELS = 4096
+_MAX_TEXT = 256
+
+
+class ProtocolError(ValueError):
+    """A peer sent something that is not a valid Shoal message."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAdvert:
+    id: str
+    loaded: bool = True
+    operations: tuple[str, ...] = ()
+    size_bytes: int | None = None
+    quantization: str | None = None
+    context_length: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    in_flight: int = 0
+    queued: int = 0
+    capacity: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Hardware:
+    cpu: str = ""
+    cores: int = 1
+    ram_bytes: int = 0
+    gpu: str | None = None
+    vram_bytes: int | None = None
+
+    @property
+    def score(self) -> float:
+        """A rough strength for tie-breaks: cores, memory, and GPU memory counted most."""
+        gib = 1 << 30
+        return self.cores + self.ram_bytes / (4 * gib) + 2 * (self.vram_bytes or 0) / gib
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    node_id: str
+    name: str
+    version: str
+    api_port: int
+    seq: int
+    uptime_s: float
+    # Random per process: one ID from two processes at once means a copied data dir.
+    instance: str = ""
+    models: tuple[ModelAdvert, ...] = ()
+    load: Load = field(default_factory=Load)
+    hardware: Hardware = field(default_factory=Hardware)
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "v": PROTOCOL_VERSION,
+                "node_id": self.node_id,
+                "name": self.name,
+                "version": self.version,
+                "api_port": self.api_port,
+                "seq": self.seq,
+                "uptime_s": self.uptime_s,
+                "instance": self.instance,
+                "models": [_model_dict(m) for m in self.models],
+                "load": {
+                    "in_flight": self.load.in_flight,
+                    "queued": self.load.queued,
+                    "capacity": self.load.capacity,
+                },
+                "hardware": {
+                    "cpu": self.hardware.cpu,
+                    "cores": self.hardware.cores,
+                    "ram_bytes": self.hardware.ram_bytes,
+                    "gpu": self.hardware.gpu,
+                    "vram_bytes": self.hardware.vram_bytes,
+                },
+            }
+        )
+
+
+def _model_dict(model: ModelAdvert) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "loaded": model.loaded,
+        "operations": list(model.operations),
+        "size_bytes": model.size_bytes,
+        "quantization": model.quantization,
+        "context_length": model.context_length,
+    }
+
+
+def decode(raw: bytes) -> NodeState:
+    """Parse and check a snapshot; raise ProtocolError on anything malformed."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("a snapshot is a JSON object")
+    if doc.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {doc.get('v')!r}; this node speaks {PROTOCOL_VERSION}"
+        )
+    node_id = _text(doc, "node_id")
+    if len(node_id) != 64 or any(c not in "0123456789abcdef" for c in node_id):
+        raise ProtocolError("node_id must be 64 lowercase hex digits")
+    models = doc.get("models")
+    if not isinstance(models, list) or len(models) > _MAX_MODELS:
+        raise ProtocolError("models must be a list")
+    load = _obj(doc, "load")
+    hardware = _obj(doc, "hardware")
+    return NodeState(
+        node_id=node_id,
+        name=_text(doc, "name"),
+        version=_text(doc, "version"),
+        api_port=_int(doc, "api_port", 1, 65535),
+        seq=_int(doc, "seq", 0, 2**63),
+        uptime_s=_number(doc, "uptime_s"),
+        instance=_text(doc, "instance"),
+        models=tuple(_model(m) for m in models),
+        load=Load(
+            in_flight=_int(load, "in_flight", 0, 1 << 30),
+            queued=_int(load, "queued", 0, 1 << 30),
+            capacity=_int(load, "capacity", 1, 1 << 30),
+        ),
+        hardware=Hardware(
+            cpu=_text(hardware, "cpu", allow_empty=True),
+            cores=_int(hardware, "cores", 1, 1 << 16),
+            ram_bytes=_int(hardware, "ram_bytes", 0, 1 << 60),
+            gpu=_optional_text(hardware, "gpu"),
+            vram_bytes=_optional_int(hardware, "vram_bytes"),
+        ),
+    )
+
+
+def _model(entry: Any) -> ModelAdvert:
+    if not isinstance(entry, dict):
+        raise ProtocolError("a model is a JSON object")
+    operations = entry.get("operations")
+    if not isinstance(operations, list) or not all(
+        isinstance(op, str) and len(op) <= _MAX_TEXT for op in operations
+    ):
+        raise ProtocolError("model operations must be a list of names")
+    loaded = entry.get("loaded")
+    if not isinstance(loaded, bool):
+        raise ProtocolError("model loaded must be true or false")
+    return ModelAdvert(
+        id=_text(entry, "id"),
+        loaded=loaded,
+        operations=tuple(operations),
+        size_bytes=_optional_int(entry, "size_bytes"),
+        quantization=_optional_text(entry, "quantization"),
+        context_length=_optional_int(entry, "context_length"),
+    )
+
+
+def _obj(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    value = doc.get(key)
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{key} must be an object")
+    return value
+
+
+def _text(doc: dict[str, Any], key: str, allow_empty: bool = False) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or len(value) > _MAX_TEXT or (not value and not allow_empty):
+        raise ProtocolError(f"{key} must be a short non-empty string")
+    return value
+
+
+def _optional_text(doc: dict[str, Any], key: str) -> str | None:
+    return None if doc.get(key) is None else _text(doc, key)
+
+
+def _int(doc: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = doc.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ProtocolError(f"{key} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _optional_int(doc: dict[str, Any], key: str) -> int | None:
+    return None if doc.get(key) is None else _int(doc, key, 0, 1 << 62)
+
+
+def _number(doc: dict[str, Any], key: str) -> float:
+    value = doc.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e12:
+        raise ProtocolError(f"{key} must be a non-negative number")
+    return float(value)
+
+
+def local_hardware() -> Hardware:
+    """What this machine is, read once at start (no GPU probing without a vendor tool)."""
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return Hardware(
+        cpu=cpu[:_MAX_TEXT],
+        cores=os.cpu_count() or 1,
+        ram_bytes=int(psutil.virtual_memory().total),
+    )

@@ -1,0 +1,212 @@
+"""Choosing where a request may go: local backends and peers that hold the model, ranked.
+
+The decisions are `rank.py`'s pure functions; this module gathers their inputs from
+the backend registry and the peer table, and wraps each choice as a `Target` the
+dispatcher can send to, count, and blame.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+from shoal.backends.base import Operation, Upstream
+from shoal.backends.registry import BackendEntry, BackendRegistry
+from shoal.errors import (
+    BackendUnavailable,
+    InvalidRequest,
+    ModelNotFound,
+    ShoalError,
+)
+from shoal.mesh.membership import PeerState
+from shoal.mesh.peers import Peer, Peers
+from shoal.routing.rank import Candidate, HopPolicy, allowed, rank, resolve_model
+from shoal.settings import RoutingSettings
+
+
+class Target(Protocol):
+    candidate: Candidate
+    name: str  # the backend's name, or the peer node's name
+    model: str  # the name the model has there (aliases resolved)
+    route: Literal["local", "peer"]
+
+    async def send(self, op: Operation, body: bytes) -> Upstream: ...
+    def begin(self) -> None: ...
+    def end(self) -> None: ...
+    def failed(self, error: ShoalError) -> None: ...
+
+
+class LocalTarget:
+    route: Literal["local", "peer"] = "local"
+
+    def __init__(
+        self, entry: BackendEntry, registry: BackendRegistry, model: str, candidate: Candidate
+    ) -> None:
+        self._entry = entry
+        self._registry = registry
+        self.name = entry.backend.name
+        self.model = model
+        self.candidate = candidate
+
+    async def send(self, op: Operation, body: bytes) -> Upstream:
+        return await self._entry.backend.send(op, body)
+
+    def begin(self) -> None:
+        self._entry.in_flight += 1
+
+    def end(self) -> None:
+        self._entry.in_flight -= 1
+
+    def failed(self, error: ShoalError) -> None:
+        if isinstance(error, BackendUnavailable):
+            self._registry.mark_down(self._entry, error.message)
+
+
+class PeerTarget:
+    route: Literal["local", "peer"] = "peer"
+
+    def __init__(self, peer: Peer, peers: Peers, model: str, candidate: Candidate) -> None:
+        assert peer.state is not None
+        self._peer_id = peer.view.peer_id
+        self._address = peer.view.address
+        self._peers = peers
+        self.name = peer.state.name
+        self.model = model
+        self.candidate = candidate
+
+    async def send(self, op: Operation, body: bytes) -> Upstream:
+        return await self._peers.link(self._address).send(op, body)
+
+    def begin(self) -> None:
+        self._peers.sent[self._peer_id] += 1
+
+    def end(self) -> None:
+        self._peers.sent[self._peer_id] -= 1
+
+    def failed(self, error: ShoalError) -> None:
+        # It could not be reached, or broke off before answering: suspect at once, so
+        # no other request goes there before a heartbeat says it is back. (A peer that
+        # answers 503 is reachable; that is not a failure of the peer.)
+        self._peers.request_failed(self._peer_id)
+
+
+class Router:
+    def __init__(
+        self,
+        node_id: str,
+        node_name: str,
+        registry: BackendRegistry,
+        peers: Peers | None,
+        settings: RoutingSettings,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._node_id = node_id
+        self._node_name = node_name
+        self._registry = registry
+        self._peers = peers
+        self._settings = settings
+        self._rng = rng or random.Random()
+        self._turn = 0
+
+    def route(self, op: Operation, model: str, policy: HopPolicy) -> list[Target]:
+        """Every target allowed for this request, best first; raises when there is none."""
+        names = resolve_model(model, self._settings.model_aliases)
+        targets: list[Target] = [*self._local(op, names), *self._remote(op, names)]
+        names_by_id = {
+            p.view.peer_id: p.state.name for p in self._peer_list() if p.state is not None
+        }
+        usable = allowed(
+            [t.candidate for t in targets],
+            policy,
+            self_id=self._node_id,
+            self_name=self._node_name,
+            names=names_by_id,
+        )
+        if not usable:
+            raise self._nothing_for(op, model, names, policy)
+        local_in_flight = sum(e.in_flight for e in self._registry.entries())
+        ranked = rank(
+            usable,
+            self._settings.strategy,
+            local_in_flight=local_in_flight,
+            spillover_max_local_in_flight=self._settings.spillover_max_local_in_flight,
+            turn=self._turn,
+            rng=self._rng,
+        )
+        self._turn += 1
+        by_key = {t.candidate.key: t for t in targets}
+        return [by_key[c.key] for c in ranked]
+
+    def _local(self, op: Operation, names: Sequence[str]) -> list[Target]:
+        found: dict[str, Target] = {}
+        capacity = self._settings.spillover_max_local_in_flight
+        for name in names:
+            for entry in self._registry.candidates(name, op):
+                if entry.backend.name in found:
+                    continue
+                loaded = any(m.loaded for m in entry.status.models if m.id == name)
+                candidate = Candidate(
+                    key=entry.backend.name,
+                    node_id=self._node_id,
+                    local=True,
+                    loaded=loaded,
+                    in_flight=entry.in_flight,
+                    capacity=capacity,
+                )
+                found[entry.backend.name] = LocalTarget(entry, self._registry, name, candidate)
+        return list(found.values())
+
+    def _remote(self, op: Operation, names: Sequence[str]) -> list[Target]:
+        if self._peers is None:
+            return []
+        targets: list[Target] = []
+        for peer in self._peers.routable():
+            state = peer.state
+            assert state is not None
+            held = {m.id: m for m in state.models if op.value in m.operations}
+            name = next((n for n in names if n in held), None)
+            if name is None:
+                continue
+            peer_id = peer.view.peer_id
+            candidate = Candidate(
+                key=peer_id,
+                node_id=peer_id,
+                local=False,
+                loaded=held[name].loaded,
+                in_flight=state.load.in_flight + max(0, self._peers.sent[peer_id]),
+                capacity=state.load.capacity,
+                hardware_score=state.hardware.score,
+                healthy=peer.view.state is PeerState.ALIVE,
+            )
+            targets.append(PeerTarget(peer, self._peers, name, candidate))
+        return targets
+
+    def _peer_list(self) -> list[Peer]:
+        return self._peers.peers() if self._peers is not None else []
+
+    def _nothing_for(
+        self, op: Operation, model: str, names: Sequence[str], policy: HopPolicy
+    ) -> ShoalError:
+        if policy.pinned is not None:
+            return ModelNotFound(
+                f"no node matching {policy.pinned!r} can serve {model!r} now", param="model"
+            )
+        down = [e for name in names for e in self._registry.holders(name, op)]
+        if down:  # all of them down, or they would have been targets
+            reasons = "; ".join(
+                f"{e.backend.name}: {e.status.reason or e.status.health}" for e in down
+            )
+            return BackendUnavailable(
+                f"model {model!r} is temporarily unavailable ({reasons})", retry_after=2
+            )
+        if any(self._registry.knows_model(name) for name in names) or self._peer_holds(names):
+            return InvalidRequest(f"model {model!r} does not support {op.value}", param="model")
+        where = "this node" if policy.forwarded or policy.local_only else "this cluster"
+        return ModelNotFound(
+            f"the model {model!r} does not exist on {where}; see GET /v1/models",
+            param="model",
+        )
+
+    def _peer_holds(self, names: Sequence[str]) -> bool:
+        return any(m.id in names for p in self._peer_list() if p.state for m in p.state.models)
