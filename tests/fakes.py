@@ -52,6 +52,9 @@ class FakeServer:
         self.models = models
         self.ollama = ollama
         self.mode = "ok"
+        self.delay_s = 0.0  # before answering
+        self.chunk_gap_s = 0.0  # between stream chunks
+        self.words = ("hello", " from", " fake")
         self.requests: list[dict[str, Any]] = []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -147,12 +150,16 @@ class FakeServer:
             await self._released.wait()
             return web.Response(status=499)
         model = body["model"]
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if not body.get("stream"):
-            return web.json_response(_chat_response(model, "hello from fake"))
+            return web.json_response(_chat_response(model, "".join(self.words)))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for word in ("hello", " from", " fake"):
+        for word in self.words:
             await response.write(_chunk(model, word))
+            if self.chunk_gap_s:
+                await asyncio.sleep(self.chunk_gap_s)
             if mode == "die_mid_stream" and word == " from":
                 assert request.transport is not None
                 request.transport.abort()

@@ -94,10 +94,11 @@ def start_node(
     *args: str,
     wait_backend: str | None = "embedded",
     env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> NodeProcess:
     """`shoal serve` in a subprocess on a free loopback port, with detection off."""
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     data_dir = home / "data"
     log_path = home / "node.log"
     command = [

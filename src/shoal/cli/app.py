@@ -130,9 +130,17 @@ def status(url: UrlOpt = None, as_json: JsonOpt = False, config: ConfigOpt = Non
 
 
 @app.command()
-def models(url: UrlOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """List the models this node can serve now."""
-    document = _get(url, config, "/v1/models")
+def models(
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    lan: Annotated[
+        bool, typer.Option("--lan", help="Every model in the cluster and the nodes holding it.")
+    ] = False,
+) -> None:
+    """List the models this node (or, with --lan, the cluster) can serve now."""
+    headers = {} if lan else {"X-Shoal-Local-Only": "1"}
+    document = _get(url, config, "/v1/models", headers)
     if as_json:
         out.print_json(json.dumps(document))
         return
@@ -149,6 +157,66 @@ def models(url: UrlOpt = None, as_json: JsonOpt = False, config: ConfigOpt = Non
             ", ".join(m.get("backends") or ()),
         )
     out.print(table)
+
+
+@app.command()
+def peers(
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    scan: Annotated[
+        bool, typer.Option("--scan", help="Probe the local /24 for Shoal nodes first.")
+    ] = False,
+    save: Annotated[
+        bool, typer.Option("--save", help="With --scan: keep what is found in the config.")
+    ] = False,
+) -> None:
+    """Show the cluster as this node sees it: peers, health, models, load, hardware."""
+    if scan:
+        found = _post(url, config, "/shoal/v1/peers/scan", {})["found"]
+        if not as_json:
+            out.print(f"scan found {len(found)} node(s)", highlight=False)
+        if save:
+            _save_peers(config, [f["url"] for f in found])
+    document = _get(url, config, "/shoal/v1/peers")
+    if as_json:
+        out.print_json(json.dumps(document))
+        return
+    table = Table("name", "id", "address", "health", "models", "load", "hardware", "last seen")
+    for p in document["peers"]:
+        colour = {"healthy": "green", "degraded": "yellow"}.get(p["health"], "red")
+        load = p["load"] or {}
+        hardware = p["hardware"] or {}
+        seen = p["last_seen_s_ago"]
+        table.add_row(
+            p["name"] or "?",
+            p["node_id"][:12],
+            p["address"],
+            f"[{colour}]{p['health']}[/{colour}]",
+            ", ".join(m["id"] for m in p["models"]),
+            f"{load.get('in_flight', 0)}/{load.get('capacity', '?')}" if load else "",
+            f"{hardware.get('cores', '?')} cores, {_size(hardware.get('ram_bytes'))}"
+            if hardware
+            else "",
+            "never" if seen is None else f"{seen:.0f} s ago",
+        )
+    out.print(table)
+
+
+@app.command()
+def join(
+    peer_url: Annotated[str, typer.Argument(help="The node to join, e.g. http://10.0.0.5:11450")],
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+    save: Annotated[
+        bool, typer.Option("--save/--no-save", help="Keep it in the config's peers.")
+    ] = True,
+) -> None:
+    """Add one peer by address (for networks where mDNS does not reach)."""
+    joined = _post(url, config, "/shoal/v1/peers", {"url": peer_url})
+    out.print(f"joined {joined['name']} ({joined['node_id'][:12]}) at {joined['url']}")
+    if save:
+        _save_peers(config, [joined["url"]])
 
 
 @config_app.command("get")
@@ -184,14 +252,41 @@ def config_set(
     out.print(f"{key} = {value}  [dim]({path})[/dim]", highlight=False)
 
 
-def _get(url: str | None, config: Path | None, path: str) -> Any:
-    if url is None:
-        settings = _load(config)
-        url = f"http://127.0.0.1:{settings.port}"
+def _node_url(url: str | None, config: Path | None) -> str:
+    return url or f"http://127.0.0.1:{_load(config).port}"
+
+
+def _get(
+    url: str | None, config: Path | None, path: str, headers: dict[str, str] | None = None
+) -> Any:
     try:
-        return client.get_json(url, path)
+        return client.get_json(_node_url(url, config), path, headers=headers)
     except client.NodeUnreachable as exc:
         raise _fail(str(exc), 3) from None
+    except client.NodeRefused as exc:
+        raise _fail(str(exc), 1) from None
+
+
+def _post(url: str | None, config: Path | None, path: str, body: Any) -> Any:
+    try:
+        return client.post_json(_node_url(url, config), path, body)
+    except client.NodeUnreachable as exc:
+        raise _fail(str(exc), 3) from None
+    except client.NodeRefused as exc:
+        raise _fail(str(exc), 1) from None
+
+
+def _save_peers(config: Path | None, urls: list[str]) -> None:
+    path = config or settings_mod.default_config_path()
+    known = list(_load(config).peers)
+    new = [u for u in urls if u not in known]
+    if not new:
+        return
+    try:
+        config_file.set_value(path, "peers", json.dumps(known + new))
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    out.print(f"saved {len(new)} peer(s) to {path}", highlight=False)
 
 
 def _size(size: int | None) -> str:

@@ -12,15 +12,42 @@ class NodeUnreachable(Exception):
     pass
 
 
-def get_json(base_url: str, path: str, timeout: float = 10.0) -> Any:
-    url = base_url.rstrip("/") + path
+class NodeRefused(Exception):
+    """The node answered with an error; the message is the node's own."""
+
+
+def get_json(
+    base_url: str, path: str, timeout: float = 10.0, headers: dict[str, str] | None = None
+) -> Any:
+    return _call(
+        urllib.request.Request(base_url.rstrip("/") + path, headers=headers or {}), timeout
+    )
+
+
+def post_json(base_url: str, path: str, body: Any, timeout: float = 60.0) -> Any:
+    request = urllib.request.Request(
+        base_url.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    return _call(request, timeout)
+
+
+def _call(request: urllib.request.Request, timeout: float) -> Any:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise NodeUnreachable(f"{url} answered {exc.code}: {exc.read()[:200]!r}") from None
+        with exc:
+            try:
+                message = json.loads(exc.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {exc.code}"
+        raise NodeRefused(message) from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
+        base = request.full_url.split("/shoal/")[0].split("/v1/")[0]
         raise NodeUnreachable(
-            f"no Shoal node answers at {base_url} ({reason}); is `shoal serve` running?"
+            f"no Shoal node answers at {base} ({reason}); is `shoal serve` running?"
         ) from None

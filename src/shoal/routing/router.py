@@ -200,9 +200,11 @@ class Router:
             return BackendUnavailable(
                 f"model {model!r} is temporarily unavailable ({reasons})", retry_after=2
             )
-        if any(self._registry.knows_model(name) for name in names) or self._peer_holds(names):
+        here_only = policy.forwarded or policy.local_only
+        known_here = any(self._registry.knows_model(name) for name in names)
+        if known_here or (not here_only and self._peer_holds(names)):
             return InvalidRequest(f"model {model!r} does not support {op.value}", param="model")
-        where = "this node" if policy.forwarded or policy.local_only else "this cluster"
+        where = "this node" if here_only else "this cluster"
         return ModelNotFound(
             f"the model {model!r} does not exist on {where}; see GET /v1/models",
             param="model",
