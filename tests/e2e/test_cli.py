@@ -79,3 +79,44 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     result = shoal(tmp_path, "serve", "--config", str(config))
     assert result.returncode == 2
     assert "port" in result.stderr
+
+
+def test_join_peers_and_models_lan(tmp_path: Path) -> None:
+    from tests.fakes import FakeServer
+    from tests.support import start_node, wait_for
+
+    fake = FakeServer(["far-model"]).start()
+    a = start_node(tmp_path / "a", "--no-embedded", "--name", "a", wait_backend=None)
+    b = start_node(
+        tmp_path / "b", "--no-embedded", "--name", "b", "--backend", fake.url, wait_backend=None
+    )
+    try:
+        config = tmp_path / "a.toml"
+        joined = shoal(tmp_path, "join", b.url, "--url", a.url, "--config", str(config))
+        assert joined.returncode == 0, joined.stderr
+        assert "joined b" in joined.stdout
+        assert b.url in config.read_text()  # saved for the next start
+
+        def listed() -> bool:
+            out = shoal(tmp_path, "models", "--lan", "--json", "--url", a.url).stdout
+            return any(m["id"] == "far-model" for m in json.loads(out)["data"])
+
+        wait_for(listed, 15, "a to list b's model")
+        local = json.loads(shoal(tmp_path, "models", "--json", "--url", a.url).stdout)
+        assert local["data"] == []  # without --lan: this node's own models only
+
+        peers = json.loads(shoal(tmp_path, "peers", "--json", "--url", a.url).stdout)
+        (peer,) = peers["peers"]
+        assert (peer["name"], peer["health"]) == ("b", "healthy")
+        table = shoal(tmp_path, "peers", "--url", a.url)
+        assert "far-model" in table.stdout and "healthy" in table.stdout
+
+        nobody = shoal(
+            tmp_path, "join", f"http://127.0.0.1:{free_port()}", "--url", a.url, "--no-save"
+        )
+        assert nobody.returncode == 1
+        assert "no Shoal node answers" in nobody.stderr
+    finally:
+        a.stop()
+        b.stop()
+        fake.close()

@@ -278,7 +278,10 @@ def _post(url: str | None, config: Path | None, path: str, body: Any) -> Any:
 
 def _save_peers(config: Path | None, urls: list[str]) -> None:
     path = config or settings_mod.default_config_path()
-    known = list(_load(config).peers)
+    try:
+        known = list(config_file.file_value(path, "peers") or [])
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
     new = [u for u in urls if u not in known]
     if not new:
         return

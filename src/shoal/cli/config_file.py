@@ -22,6 +22,20 @@ def lookup(document: dict[str, Any], key: str) -> Any:
     return value
 
 
+def file_value(path: Path, key: str) -> Any:
+    """What the file itself says for `key` (None when absent), ignoring env and defaults."""
+    if not path.is_file():
+        return None
+    try:
+        document = tomlkit.parse(path.read_text()).unwrap()
+    except ParseError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        return lookup(document, key)
+    except KeyError:
+        return None
+
+
 def parse_value(text: str) -> Any:
     """TOML syntax (`4`, `true`, `["a"]`, `"x"`), or else the text itself."""
     try:
