@@ -204,6 +204,10 @@ class Node:
 
     async def _lan(self) -> None:
         """LAN mode: mDNS, and one subnet scan if mDNS finds nobody soon enough."""
+        log.warning(
+            "LAN mode: this node accepts any Shoal node and any client on the network "
+            "(node keys, pairing and API keys are not built yet); use it on a trusted LAN only"
+        )
         async with asyncio.TaskGroup() as group:
             if self.settings.mesh.mdns:
                 mdns = MdnsDiscovery(

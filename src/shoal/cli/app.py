@@ -74,6 +74,10 @@ def serve(
         ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="This node's name (default: hostname).")] = None,
+    lan: Annotated[
+        bool | None,
+        typer.Option("--lan/--no-lan", help="Bind 0.0.0.0 and find peers by mDNS (default off)."),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Run a node: serve the models this machine holds on an OpenAI-compatible API."""
@@ -86,6 +90,7 @@ def serve(
         port=port,
         data_dir=data_dir,
         name=name,
+        lan=lan,
         log_level=log_level,
         backends=[*(b.model_dump() for b in base.backends), *extra] if extra else None,
         engine=None if embedded is None else {**base.engine.model_dump(), "enabled": embedded},

@@ -1,0 +1,133 @@
+"""The state snapshot codec, the subnet scan's targets, and the node identity."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import stat
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shoal.mesh import identity
+from shoal.mesh.scan import scan_targets
+from shoal.mesh.state import Hardware, Load, ModelAdvert, NodeState, ProtocolError, decode
+
+NODE_ID = "ab" * 32
+
+
+def sample() -> NodeState:
+    return NodeState(
+        node_id=NODE_ID,
+        name="studio",
+        version="0.1.0",
+        api_port=11450,
+        seq=7,
+        uptime_s=12.5,
+        instance="0123456789abcdef",
+        models=(
+            ModelAdvert("llama3", True, ("chat/completions", "completions"), 4_000_000, "Q4_K_M"),
+            ModelAdvert("minilm", False, ("embeddings",)),
+        ),
+        load=Load(in_flight=1, queued=0, capacity=2),
+        hardware=Hardware(cpu="x", cores=8, ram_bytes=32 << 30, gpu="rtx", vram_bytes=8 << 30),
+    )
+
+
+def test_round_trip() -> None:
+    assert decode(sample().encode()) == sample()
+
+
+def test_hardware_score_counts_gpu_memory_most() -> None:
+    plain = Hardware(cores=8, ram_bytes=32 << 30)
+    gpu = Hardware(cores=8, ram_bytes=32 << 30, vram_bytes=8 << 30)
+    assert gpu.score - plain.score == pytest.approx(16)
+    assert plain.score == pytest.approx(16)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("v", 2),
+        ("node_id", "xyz"),
+        ("node_id", "AB" * 32),
+        ("api_port", 0),
+        ("api_port", "11450"),
+        ("seq", -1),
+        ("seq", True),
+        ("name", ""),
+        ("name", "n" * 300),
+        ("models", "llama3"),
+        ("models", [{"id": "m", "loaded": "yes", "operations": []}]),
+        ("models", [{"id": "m", "loaded": True, "operations": "chat"}]),
+        ("load", {"in_flight": 0, "queued": 0, "capacity": 0}),
+        ("hardware", None),
+        ("uptime_s", float("nan")),
+    ],
+)
+def test_malformed_snapshots_are_refused(field: str, value: object) -> None:
+    document = orjson.loads(sample().encode())
+    document[field] = value
+    with pytest.raises(ProtocolError):
+        decode(_dumps(document))
+
+
+def _dumps(document: dict[str, object]) -> bytes:
+    # The standard encoder writes what a broken peer could send: NaN, huge integers.
+    return json.dumps(document).encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_decode_never_fails_otherwise_on_bytes(raw: bytes) -> None:
+    try:
+        decode(raw)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=20,
+    )
+)
+def test_decode_never_fails_otherwise_on_json(document: object) -> None:
+    try:
+        decode(_dumps(document))  # type: ignore[arg-type]
+    except ProtocolError:
+        pass
+
+
+def test_scan_targets_cover_the_24_without_ourselves() -> None:
+    network = ipaddress.IPv4Network("10.1.2.0/24")
+    targets = scan_targets([network], 11450, exclude=["10.1.2.7"])
+    assert len(targets) == 253
+    assert "http://10.1.2.1:11450" in targets
+    assert "http://10.1.2.7:11450" not in targets
+    assert "http://10.1.2.255:11450" not in targets  # broadcast is no host
+
+
+def test_identity_is_stable_private_and_fingerprinted(tmp_path: Path) -> None:
+    first = identity.load_or_create(tmp_path)
+    again = identity.load_or_create(tmp_path)
+    assert first.node_id == again.node_id
+    assert len(first.node_id) == 64
+    assert first.node_id == identity.node_id_of(first.public_key)
+    assert stat.S_IMODE(os.stat(tmp_path / identity.KEY_FILE).st_mode) == 0o600
+    assert first.short_id.startswith("SHOAL-") and len(first.short_id) == 20
+    other = identity.load_or_create(tmp_path / "other")
+    assert other.node_id != first.node_id
+
+
+def test_loosened_key_permissions_are_tightened(tmp_path: Path) -> None:
+    identity.load_or_create(tmp_path)
+    (tmp_path / identity.KEY_FILE).chmod(0o644)
+    identity.load_or_create(tmp_path)
+    assert stat.S_IMODE(os.stat(tmp_path / identity.KEY_FILE).st_mode) == 0o600
