@@ -302,7 +302,7 @@ async def test_the_deadline_stops_falling_through() -> None:
 
 
 async def test_the_first_candidate_is_tried_even_with_no_time_left() -> None:
-    dispatcher, _, backends, entries = make(None, deadline_s=0)
+    dispatcher, _, backends, _entries = make(None, deadline_s=0)
     async with dispatcher.open(CHAT, "m", BODY, ANYWHERE) as opened:
         assert opened.target.name == "a"
     assert len(backends[0].sent) == 1

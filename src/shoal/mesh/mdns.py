@@ -74,9 +74,15 @@ class MdnsDiscovery:
         """Advertise, browse, and resolve sightings until cancelled; then say goodbye."""
         self._zeroconf = AsyncZeroconf(ip_version=IPVersion.V4Only)
         try:
-            announced = await self._zeroconf.async_register_service(self._info)
+            # Browse first: the nodes already there answer our query at once.
             self._browser = AsyncServiceBrowser(
                 self._zeroconf.zeroconf, [SERVICE_TYPE], handlers=[self._on_change]
+            )
+            # No probing (RFC 6762 §8.1, ~1.5 s): the instance name carries our key
+            # fingerprint, so it cannot collide unless a data dir was copied, which the
+            # state exchange detects and reports anyway.
+            announced = await self._zeroconf.async_register_service(
+                self._info, cooperating_responders=True
             )
             await announced
             log.info("advertising %s on mDNS", self._info.name)

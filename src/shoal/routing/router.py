@@ -125,18 +125,26 @@ class Router:
         )
         if not usable:
             raise self._nothing_for(op, model, names, policy)
-        local_in_flight = sum(e.in_flight for e in self._registry.entries())
-        ranked = rank(
-            usable,
+        by_key = {t.candidate.key: t for t in targets}
+        # A model asked for by its own name goes to its holders first; holders of an
+        # alias of it (the same weights under another name) are the fallback.
+        exact = [c for c in usable if by_key[c.key].model == model]
+        siblings = [c for c in usable if by_key[c.key].model != model]
+        ranked = self._rank(exact) + self._rank(siblings)
+        self._turn += 1
+        return [by_key[c.key] for c in ranked]
+
+    def _rank(self, candidates: list[Candidate]) -> list[Candidate]:
+        if not candidates:
+            return []
+        return rank(
+            candidates,
             self._settings.strategy,
-            local_in_flight=local_in_flight,
+            local_in_flight=sum(e.in_flight for e in self._registry.entries()),
             spillover_max_local_in_flight=self._settings.spillover_max_local_in_flight,
             turn=self._turn,
             rng=self._rng,
         )
-        self._turn += 1
-        by_key = {t.candidate.key: t for t in targets}
-        return [by_key[c.key] for c in ranked]
 
     def _local(self, op: Operation, names: Sequence[str]) -> list[Target]:
         found: dict[str, Target] = {}
