@@ -25,6 +25,7 @@ from shoal.mesh.state import Hardware, Load, ModelAdvert, NodeState, local_hardw
 from shoal.routing.dispatch import Dispatcher
 from shoal.routing.router import Router
 from shoal.settings import Settings
+from shoal.trust.service import Trust
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,23 @@ class Node:
         self.port = settings.port
         self.registry = BackendRegistry(interval_s=settings.detect.interval_s)
         self.registry.on_change = self._models_changed
+        peer_port = settings.mesh.peer_port
+        if peer_port is None:
+            peer_port = settings.port + 1 if settings.port else 0
+        self.trust = Trust(self.identity, settings, peer_port)
+        self.trust.on_revoked = self._revoked
         self.peers = Peers(
-            self.node_id, self.snapshot, settings.mesh, settings.limits, static=settings.peers
+            self.node_id,
+            self.name,
+            self.snapshot,
+            self.trust,
+            settings.mesh,
+            settings.limits,
+            static=settings.peers,
         )
+        self._peer_site: web.TCPSite | None = None
+        self._restarts: list[asyncio.Future[None]] = []
+        self._runner: web.AppRunner | None = None
         self.router = Router(self.node_id, self.name, self.registry, self.peers, settings.routing)
         self.dispatcher = Dispatcher(
             self.router,
@@ -161,16 +176,16 @@ class Node:
             self.settings.mesh.scan_concurrency,
         )
         return [
-            {"url": url, "node_id": state.node_id, "name": state.name}
-            for url, state in found
-            if state.node_id != self.node_id
+            {"url": url, "node_id": node.node_id, "name": node.name, "trust": node.state.value}
+            for url, node in found
+            if node.node_id != self.node_id
         ]
 
     # -- lifetime ---------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; every background task ends with the node."""
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        runner = self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await runner.setup()
         host = self.settings.bind_host
         site = web.TCPSite(runner, host, self.settings.port, reuse_address=True)
@@ -178,9 +193,18 @@ class Node:
             await site.start()
             self.port = runner.addresses[0][1]
             self.url = f"http://{host}:{self.port}"
+            self.trust.api_port = self.port
+            await self._start_peer_site()
             log.info(
-                "shoal node %r (%s) listening on %s", self.name, self.identity.short_id, self.url
-            )
+                "shoal node %r (%s) listening on %s, peers on TLS port %d, cluster mode %s",
+                self.name, self.identity.short_id, self.url, self.trust.peer_port,
+                self.trust.mode,
+            )  # fmt: skip
+            if self.trust.mode == "open" and self.settings.lan:
+                log.warning(
+                    "OPEN cluster on the LAN: any Shoal node on this network may join and "
+                    "use this node. Set a secret (shoal token create) or use pairing."
+                )
             async with asyncio.TaskGroup() as group:
                 tasks = [
                     group.create_task(self.registry.run()),
@@ -198,22 +222,40 @@ class Node:
                     task.cancel()
         finally:
             await runner.cleanup()
+            await asyncio.gather(*self._restarts, return_exceptions=True)
             await self.registry.aclose()
             await self.peers.aclose()
             log.info("shoal node %r stopped", self.name)
 
+    async def _start_peer_site(self) -> None:
+        """The mTLS listener for peers; rebuilt when a node loses trust."""
+        assert self._runner is not None
+        if self._peer_site is not None:
+            await self._peer_site.stop()
+        self._peer_site = web.TCPSite(
+            self._runner,
+            self.settings.bind_host,
+            self.trust.peer_port,
+            ssl_context=self.trust.server_context,
+            reuse_address=True,
+        )
+        await self._peer_site.start()
+        if self.trust.peer_port == 0:  # learn the port the system chose
+            self.trust.peer_port = self._runner.addresses[-1][1]
+
+    def _revoked(self, node_id: str) -> None:
+        self.peers.forget(node_id)
+        self._restarts.append(asyncio.ensure_future(self._start_peer_site()))
+
     async def _lan(self) -> None:
         """LAN mode: mDNS, and one subnet scan if mDNS finds nobody soon enough."""
-        log.warning(
-            "LAN mode: this node accepts any Shoal node and any client on the network "
-            "(node keys, pairing and API keys are not built yet); use it on a trusted LAN only"
-        )
         async with asyncio.TaskGroup() as group:
             if self.settings.mesh.mdns:
                 mdns = MdnsDiscovery(
                     self.node_id,
                     self.name,
                     self.port,
+                    self.trust.advert(),
                     advertised_addresses(self.settings.bind_host),
                     on_sighted=lambda peer_id, url: self.peers.sighted(peer_id, url, "mdns"),
                     on_gone=self.peers.goodbye,

@@ -135,6 +135,9 @@ class MeshSettings(_Section):
 
     # Advertise and browse `_shoal._tcp.local.` in LAN mode.
     mdns: bool = True
+    # The mutual-TLS port for node-to-node traffic. None: the API port + 1 (11451 by
+    # default), or any free port when the API port is chosen by the system (0).
+    peer_port: int | None = Field(default=None, ge=0, le=65535)
     # One automatic scan of the local /24 when LAN mode has found no peer by then.
     scan_after_s: float = Field(default=10.0, gt=0)
     scan_concurrency: int = Field(default=64, ge=1, le=1024)
@@ -150,6 +153,21 @@ class MeshSettings(_Section):
     suspect_retry_s: float = Field(default=1.0, gt=0)
     # Changes to this node's state (models, load) are pushed at most this often.
     push_min_interval_s: float = Field(default=0.25, ge=0)
+
+
+ClusterMode = Literal["open", "secret", "pairing"]
+
+
+class ClusterSettings(_Section):
+    """Who may join this node's cluster, and who may use it (DESIGN §5)."""
+
+    # open: any Shoal node may join (explicit choice, warned about on every start).
+    # secret: nodes prove they know the cluster secret (`shoal token create`).
+    # pairing: each side accepts the other (`shoal pair accept`); LAN mode's default.
+    # None means: pairing in LAN mode, open on loopback (nothing else can reach it).
+    mode: ClusterMode | None = None
+    # Host header values accepted besides this machine's names and addresses.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 class Settings(BaseSettings):
@@ -170,6 +188,7 @@ class Settings(BaseSettings):
     # Peers to join by address, for networks where mDNS does not reach.
     peers: tuple[str, ...] = ()
     routing: RoutingSettings = RoutingSettings()
+    cluster: ClusterSettings = ClusterSettings()
     mesh: MeshSettings = MeshSettings()
     detect: DetectSettings = DetectSettings()
     engine: EngineSettings = EngineSettings()
@@ -185,6 +204,12 @@ class Settings(BaseSettings):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"{url!r} must start with http:// or https://")
         return tuple(url.rstrip("/") for url in peers)
+
+    @property
+    def cluster_mode(self) -> ClusterMode:
+        if self.cluster.mode is not None:
+            return self.cluster.mode
+        return "pairing" if self.lan else "open"
 
     @property
     def bind_host(self) -> str:

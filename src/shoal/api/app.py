@@ -25,6 +25,10 @@ ROUTES = [
     web.post("/shoal/v1/peers/scan", mesh.scan),
     web.post("/shoal/v1/mesh/state", mesh.exchange_state),
     web.post("/shoal/v1/mesh/goodbye", mesh.goodbye),
+    web.post("/shoal/v1/trust/hello", mesh.trust_hello),
+    web.post("/shoal/v1/trust/confirm", mesh.trust_confirm),
+    web.get("/shoal/v1/pairs", mesh.list_pairs),
+    web.post("/shoal/v1/pairs/{node}/{action}", mesh.pair_action),
 ]
 
 

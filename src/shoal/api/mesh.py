@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 
@@ -9,21 +10,47 @@ import orjson
 from aiohttp import web
 
 from shoal.api.state import NODE
-from shoal.errors import Forbidden, InvalidRequest, UpstreamFailed
+from shoal.errors import Forbidden, InvalidRequest, NotFound, UpstreamFailed
 from shoal.mesh.state import ProtocolError, decode
+from shoal.trust.handshake import HandshakeError
 
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE = 1 << 20  # a snapshot with thousands of models is still far below 1 MiB
 
 
+def paired_peer(request: web.Request) -> str | None:
+    """The paired node at the other end of this request's mutual-TLS connection, if any.
+
+    Requests on the API port have no client certificate and get None; on the peer port
+    the TLS handshake already refused every certificate but a paired node's.
+    """
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if ssl_object is None:
+        return None
+    peer_id: str | None = request.app[NODE].trust.peer_of(ssl_object.getpeercert(binary_form=True))
+    if peer_id is not None and isinstance(request.transport, asyncio.Transport):
+        request.app[NODE].trust.track(peer_id, request.transport)
+    return peer_id
+
+
+def _require_peer(request: web.Request) -> str:
+    peer_id = paired_peer(request)
+    if peer_id is None:
+        raise Forbidden("node-to-node calls need the peer port and a paired node's key")
+    return peer_id
+
+
 async def exchange_state(request: web.Request) -> web.Response:
     """A peer's heartbeat or push: take its snapshot, answer with ours."""
     node = request.app[NODE]
+    peer_id = _require_peer(request)
     try:
         state = decode(await request.content.read(_MAX_MESSAGE))
     except ProtocolError as exc:
         raise InvalidRequest(f"not a Shoal state snapshot: {exc}") from None
+    if state.node_id not in (peer_id, node.node_id):
+        raise Forbidden("that snapshot is not the connecting node's own")
     if state.node_id == node.node_id:
         if state.instance != node.instance:  # not our own probe of our own address
             node.duplicate_id_seen(request.remote or "?")
@@ -40,11 +67,7 @@ async def exchange_state(request: web.Request) -> web.Response:
 
 async def goodbye(request: web.Request) -> web.Response:
     node = request.app[NODE]
-    try:
-        peer_id = orjson.loads(await request.content.read(4096))["node_id"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        raise InvalidRequest('a goodbye is {"node_id": ...}') from None
-    node.peers.goodbye(str(peer_id))
+    node.peers.goodbye(_require_peer(request))  # only a node itself can say it leaves
     return _json_bytes(b'{"ok":true}')
 
 
@@ -63,12 +86,89 @@ async def join(request: web.Request) -> web.Response:
         raise InvalidRequest('a join is {"url": "http://host:11450"}', param="url") from None
     if not url.startswith(("http://", "https://")):
         raise InvalidRequest("url must start with http:// or https://", param="url")
-    state = await node.peers.probe(url, "join")
-    if state is None:
-        raise UpstreamFailed(f"no Shoal node answers at {url}")
-    if state.node_id == node.node_id:
+    joined = await node.peers.probe(url, "join")
+    if joined is None:
+        raise UpstreamFailed(f"no Shoal node answers at {url}, or the handshake failed (see log)")
+    if joined.node_id == node.node_id:
         raise InvalidRequest(f"{url} is this node itself", param="url")
-    return _json_bytes(orjson.dumps({"node_id": state.node_id, "name": state.name, "url": url}))
+    return _json_bytes(
+        orjson.dumps(
+            {
+                "node_id": joined.node_id,
+                "name": joined.name,
+                "url": url,
+                "trust": joined.state.value,
+                "code": joined.code,
+            }
+        )
+    )
+
+
+async def trust_hello(request: web.Request) -> web.Response:
+    """Admission handshake, step 1 (on the API port: no trust exists yet)."""
+    node = request.app[NODE]
+    try:
+        return _json_bytes(orjson.dumps(node.trust.hello(await _message(request))))
+    except HandshakeError as exc:
+        log.warning("refused a handshake from %s: %s", request.remote, exc)
+        raise Forbidden(f"handshake refused: {exc}") from None
+
+
+async def trust_confirm(request: web.Request) -> web.Response:
+    """Admission handshake, step 2: the initiator's proof."""
+    node = request.app[NODE]
+    try:
+        met = node.trust.confirm(await _message(request), request.remote or "")
+    except HandshakeError as exc:
+        log.warning("refused a handshake from %s: %s", request.remote, exc)
+        raise Forbidden(f"handshake refused: {exc}") from None
+    if met.state.value == "paired":
+        node.peers.sighted(met.node_id, met.address, "peer")
+    return _json_bytes(orjson.dumps({"trust": met.state.value, "code": met.code}))
+
+
+async def _message(request: web.Request) -> dict[str, object]:
+    try:
+        document = orjson.loads(await request.content.read(_MAX_MESSAGE))
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("not a JSON handshake message") from None
+    if not isinstance(document, dict):
+        raise InvalidRequest("a handshake message is a JSON object")
+    return document
+
+
+async def list_pairs(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    _loopback_only(request)
+    node.trust.store.reload()
+    nodes = [
+        {"node_id": n.node_id, "short_id": n.short_id, "name": n.name, "state": n.state.value,
+         "address": n.address, "code": n.code}
+        for n in node.trust.store.nodes()
+    ]  # fmt: skip
+    return _json_bytes(orjson.dumps({"mode": node.trust.mode, "nodes": nodes}))
+
+
+async def pair_action(request: web.Request) -> web.Response:
+    """`shoal pair accept|decline|unpair|forget ID`: applied live."""
+    node = request.app[NODE]
+    _loopback_only(request)
+    node.trust.store.reload()
+    found = node.trust.store.find(request.match_info["node"])
+    if found is None:
+        raise NotFound(f"no single known node matches {request.match_info['node']!r}")
+    action = request.match_info["action"]
+    if action == "accept":
+        node.trust.accept(found)
+        if found.address:
+            node.peers.sighted(found.node_id, found.address, "join")
+    elif action in ("decline", "unpair"):
+        node.trust.revoke(found, forget=False)
+    elif action == "forget":
+        node.trust.revoke(found, forget=True)
+    else:
+        raise NotFound(f"no pair action {action!r}")
+    return _json_bytes(orjson.dumps({"node_id": found.node_id, "name": found.name, "done": action}))
 
 
 async def scan(request: web.Request) -> web.Response:

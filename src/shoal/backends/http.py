@@ -6,6 +6,7 @@ aiohttp errors are translated into Shoal's error tree here, once.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -68,6 +69,7 @@ class HttpTransport:
         api_key: str | None = None,
         unix_socket: str | None = None,
         headers: dict[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(
@@ -78,6 +80,7 @@ class HttpTransport:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._unix_socket = unix_socket
+        self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -86,7 +89,9 @@ class HttpTransport:
             if self._unix_socket is not None:
                 connector = aiohttp.UnixConnector(path=self._unix_socket, limit=0)
             else:
-                connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+                connector = aiohttp.TCPConnector(
+                    limit=0, ttl_dns_cache=60, ssl=self._ssl if self._ssl is not None else True
+                )
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,

@@ -15,6 +15,7 @@ from rich.table import Table
 from shoal import settings as settings_mod
 from shoal.cli import client, config_file
 from shoal.errors import ConfigError
+from shoal.trust import secret as secret_mod
 
 app = typer.Typer(
     name="shoal",
@@ -25,6 +26,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Read and change the configuration file.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+token_app = typer.Typer(help="The cluster secret (secret mode).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+pair_app = typer.Typer(help="Pairing with other nodes (pairing mode).", no_args_is_help=True)
+app.add_typer(pair_app, name="pair")
 
 out = Console()
 err = Console(stderr=True)
@@ -33,6 +38,9 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="Config file (default ~/.config/shoal/config.toml).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="The node's data dir (default from config).")
+]
 UrlOpt = Annotated[
     str | None, typer.Option("--url", help="Node to ask (default: this machine's node).")
 ]
@@ -213,15 +221,108 @@ def join(
     peer_url: Annotated[str, typer.Argument(help="The node to join, e.g. http://10.0.0.5:11450")],
     url: UrlOpt = None,
     config: ConfigOpt = None,
+    token: Annotated[
+        str | None, typer.Option(help="The cluster secret (from `shoal token show` there).")
+    ] = None,
+    data_dir: DataDirOpt = None,
     save: Annotated[
         bool, typer.Option("--save/--no-save", help="Keep it in the config's peers.")
     ] = True,
 ) -> None:
     """Add one peer by address (for networks where mDNS does not reach)."""
+    if token is not None:
+        if not token.startswith(secret_mod.PREFIX):
+            raise _fail(f"a cluster token starts with {secret_mod.PREFIX}", 2)
+        secret_mod.write_secret(_data_dir(config, data_dir), token)
     joined = _post(url, config, "/shoal/v1/peers", {"url": peer_url})
-    out.print(f"joined {joined['name']} ({joined['node_id'][:12]}) at {joined['url']}")
+    who = f"{joined['name']} ({joined['node_id'][:12]}) at {joined['url']}"
+    if joined["trust"] == "pending":
+        out.print(
+            f"pairing requested with {who}. Confirmation code [bold]{joined['code']}[/bold]: "
+            f"if {joined['name']} shows the same code, accept there and here "
+            f"(`shoal pair accept {joined['node_id'][:12]}`).",
+            highlight=False,
+        )
+    else:
+        out.print(f"joined {who}", highlight=False)
     if save:
         _save_peers(config, [joined["url"]])
+
+
+def _data_dir(config: Path | None, data_dir: Path | None) -> Path:
+    return data_dir or _load(config).data_dir
+
+
+@token_app.command("create")
+def token_create(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Make a cluster secret (once); nodes that know it admit each other."""
+    where = _data_dir(config, data_dir)
+    if secret_mod.read_secret(where):
+        raise _fail("this node already has a cluster secret; `shoal token show` or `rotate`", 1)
+    secret_mod.write_secret(where, secret_mod.new_secret())
+    token_show(config, data_dir)
+
+
+@token_app.command("show")
+def token_show(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Print the cluster secret, to give to `shoal join URL --token` on other machines."""
+    secret = secret_mod.read_secret(_data_dir(config, data_dir))
+    if secret is None:
+        raise _fail("no cluster secret yet: `shoal token create`", 1)
+    out.print(secret, highlight=False)
+
+
+@token_app.command("rotate")
+def token_rotate(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Replace the cluster secret. Nodes already paired stay paired; new ones need it."""
+    secret_mod.write_secret(_data_dir(config, data_dir), secret_mod.new_secret())
+    token_show(config, data_dir)
+
+
+@pair_app.command("list")
+def pair_list(url: UrlOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Nodes met: pending (waiting for your decision), paired, unpaired."""
+    document = _get(url, config, "/shoal/v1/pairs")
+    if as_json:
+        out.print_json(json.dumps(document))
+        return
+    out.print(f"cluster mode: {document['mode']}", highlight=False)
+    table = Table("name", "id", "state", "confirmation code", "address")
+    for n in document["nodes"]:
+        table.add_row(n["name"], n["short_id"], n["state"], n["code"], n["address"])
+    out.print(table)
+
+
+def _pair_action(action: str, node: str, url: str | None, config: Path | None) -> None:
+    done = _post(url, config, f"/shoal/v1/pairs/{node}/{action}", {})
+    out.print(f"{action}: {done['name']} ({done['node_id'][:12]})", highlight=False)
+
+
+NodeArg = Annotated[str, typer.Argument(help="Node ID, ID prefix (8+ characters) or name.")]
+
+
+@pair_app.command("accept")
+def pair_accept(node: NodeArg, url: UrlOpt = None, config: ConfigOpt = None) -> None:
+    """Pair with a pending node (check its confirmation code first)."""
+    _pair_action("accept", node, url, config)
+
+
+@pair_app.command("decline")
+def pair_decline(node: NodeArg, url: UrlOpt = None, config: ConfigOpt = None) -> None:
+    """Refuse a pending node; it is ignored until paired again."""
+    _pair_action("decline", node, url, config)
+
+
+@pair_app.command("unpair")
+def pair_unpair(node: NodeArg, url: UrlOpt = None, config: ConfigOpt = None) -> None:
+    """Stop trusting a paired node; its live connections are cut at once."""
+    _pair_action("unpair", node, url, config)
+
+
+@pair_app.command("forget")
+def pair_forget(node: NodeArg, url: UrlOpt = None, config: ConfigOpt = None) -> None:
+    """Drop a node from the trust store entirely."""
+    _pair_action("forget", node, url, config)
 
 
 @config_app.command("get")

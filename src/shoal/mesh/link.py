@@ -1,10 +1,13 @@
-"""HTTP to one peer: the state exchange, goodbye, and requests forwarded to it.
+"""HTTP to one paired peer: state exchange, goodbye, and forwarded requests, over mTLS.
 
-A forwarded request carries the hop header, so the peer serves it itself or fails:
-a request crosses at most one hop and loops are impossible.
+The link dials the peer's TLS port with a context that presents our certificate and
+trusts only the peer's own (pinned by the trust store). A forwarded request carries the
+hop header, so the peer serves it itself or fails: loops are impossible.
 """
 
 from __future__ import annotations
+
+import ssl
 
 import orjson
 
@@ -21,15 +24,14 @@ GOODBYE_PATH = "/shoal/v1/mesh/goodbye"
 class PeerLink:
     kind = "peer"
 
-    def __init__(self, url: str, limits: LimitSettings) -> None:
+    def __init__(self, url: str, limits: LimitSettings, context: ssl.SSLContext) -> None:
         self.url = url.rstrip("/")
-        self.location = self.url
-        self.name = self.url
         self._transport = HttpTransport(
             self.url,
             connect_timeout_s=limits.connect_timeout_s,
             read_timeout_s=limits.read_timeout_s,
             headers={HOP_HEADER: "1"},
+            ssl_context=context,
         )
 
     async def exchange(self, ours: NodeState, timeout_s: float) -> NodeState:

@@ -48,6 +48,7 @@ class MdnsDiscovery:
         node_id: str,
         node_name: str,
         port: int,
+        advert: dict[str, str],
         addresses: list[str],
         on_sighted: Callable[[str, str], None],
         on_gone: Callable[[str], None],
@@ -62,7 +63,7 @@ class MdnsDiscovery:
             f"{safe_name}-{node_id[:8]}.{SERVICE_TYPE}",
             addresses=[socket.inet_aton(a) for a in addresses],
             port=port,
-            properties={"v": str(PROTOCOL_VERSION), "id": node_id, "port": str(port)},
+            properties={"v": str(PROTOCOL_VERSION), "id": node_id, "port": str(port), **advert},
             server=f"shoal-{node_id[:12]}.local.",
         )
         self._zeroconf: AsyncZeroconf | None = None

@@ -2,7 +2,10 @@
 
 Theory of operation: every way of finding a peer (mDNS, static addresses, a subnet
 scan, `shoal join`, a peer that contacted us) ends in `Membership.sighted` with the
-peer's node ID and address. A heartbeat is a state exchange: we POST our snapshot and
+peer's node ID and API address. Nothing is exchanged with a node before it is paired:
+an unpaired node gets the admission handshake first (`Trust.admit`), and in pairing
+mode stays out of the table until both operators accept. A heartbeat is a state
+exchange over mutual TLS: we POST our snapshot and
 get the peer's back, so both sides learn each other from one request. `Membership`
 decides who is due and when a peer is suspect or removed; this module only does the
 I/O and keeps the newest snapshot of every peer. When this node's state changes
@@ -18,12 +21,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from shoal.backends.http import PROBE_ERRORS
 from shoal.mesh.link import PeerLink
 from shoal.mesh.membership import Event, Membership, PeerState, PeerView, Timing
 from shoal.mesh.state import NodeState, ProtocolError
 from shoal.settings import LimitSettings, MeshSettings
+from shoal.trust.handshake import HandshakeError
+from shoal.trust.service import Trust
+from shoal.trust.store import TrustedNode, TrustState
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +50,16 @@ class Peers:
     def __init__(
         self,
         self_id: str,
+        self_name: str,
         snapshot: Callable[[], NodeState],
+        trust: Trust,
         settings: MeshSettings,
         limits: LimitSettings,
         static: Iterable[str] = (),
     ) -> None:
         self.self_id = self_id
+        self._self_name = self_name
+        self.trust = trust
         self._snapshot = snapshot
         self._settings = settings
         self._limits = limits
@@ -64,12 +75,13 @@ class Peers:
             ),
         )
         self._states: dict[str, NodeState] = {}
-        self._links: dict[str, PeerLink] = {}
+        self._links: dict[tuple[str, str], PeerLink] = {}  # by (peer id, TLS URL)
         # Requests open from this node to each peer: its last snapshot does not count them.
         self.sent: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._push = asyncio.Event()
         self.first_peer = asyncio.Event()
+        self._closing: list[asyncio.Future[None]] = []
 
     # -- what the rest of the node sees ---------------------------------------------
 
@@ -82,10 +94,16 @@ class Peers:
         usable = [p for p in self.peers() if p.state is not None and p.view.state in order]
         return sorted(usable, key=lambda p: order[p.view.state])
 
-    def link(self, address: str) -> PeerLink:
-        link = self._links.get(address)
+    def link(self, peer_id: str) -> PeerLink:
+        """The mTLS link to a paired peer, at the address it was last seen at."""
+        view = self.membership.view(peer_id)
+        if view is None:
+            raise KeyError(peer_id)
+        url = self.trust.peer_url(peer_id, urlsplit(view.address).hostname or "")
+        link = self._links.get((peer_id, url))
         if link is None:
-            link = self._links[address] = PeerLink(address, self._limits)
+            link = PeerLink(url, self._limits, self.trust.client_context(peer_id))
+            self._links[(peer_id, url)] = link
         return link
 
     # -- inputs ---------------------------------------------------------------------
@@ -101,6 +119,14 @@ class Peers:
     def goodbye(self, peer_id: str) -> None:
         self._apply(self.membership.goodbye(peer_id, time.monotonic()))
 
+    def forget(self, peer_id: str) -> None:
+        """It lost our trust: out of the table, its links closed."""
+        self.membership.forget(peer_id)
+        self._states.pop(peer_id, None)
+        for key in [k for k in self._links if k[0] == peer_id]:
+            link = self._links.pop(key)
+            self._closing.append(asyncio.ensure_future(link.aclose()))
+
     def request_failed(self, peer_id: str) -> None:
         self._apply(self.membership.request_failed(peer_id, time.monotonic()))
         self._wake.set()
@@ -111,23 +137,30 @@ class Peers:
 
     async def probe(
         self, address: str, source: str, timeout_s: float | None = None
-    ) -> NodeState | None:
-        """Exchange states with an address we have no node ID for yet."""
-        link = self._links.get(address) or PeerLink(address, self._limits)
-        ours = self._snapshot()
+    ) -> TrustedNode | None:
+        """Meet the node at an API address we have no node ID for yet.
+
+        Runs the admission handshake; if that pairs us, exchanges states too. Returns
+        the node's trust entry (paired or pending), or None when no Shoal node answered
+        or the handshake failed.
+        """
         try:
-            state = await link.exchange(ours, timeout_s or self._settings.heartbeat_timeout_s)
+            node = await asyncio.wait_for(
+                self.trust.admit(address),
+                timeout_s or self._settings.heartbeat_timeout_s,
+            )
+        except HandshakeError as exc:
+            log.warning("cannot join the node at %s: %s", address, exc)
+            return None
         except _EXCHANGE_ERRORS as exc:
             log.debug("no Shoal node at %s (%s)", address, type(exc).__name__)
-            if address not in self._links:
-                await link.aclose()  # a scan probes hundreds of addresses: keep none of them
             return None
-        self._links.setdefault(address, link)
-        if state.node_id != self.self_id:
-            self._learn(state, address, source)
-        elif state.instance != ours.instance:
-            log.error("the node at %s presents this node's ID: a copied data dir?", address)
-        return state
+        if node.node_id == self.self_id:
+            return node
+        if node.state is TrustState.PAIRED:
+            self.sighted(node.node_id, address, source)
+            await self._beat(node.node_id)
+        return node
 
     def _learn(self, state: NodeState, address: str, source: str) -> None:
         now = time.monotonic()
@@ -173,8 +206,11 @@ class Peers:
         view = self.membership.view(peer_id)
         if view is None:
             return
+        if not await self._paired(peer_id, view.address):
+            self._apply(self.membership.heartbeat_failed(peer_id, time.monotonic()))
+            return
         try:
-            state = await self.link(view.address).exchange(
+            state = await self.link(peer_id).exchange(
                 self._snapshot(), self._settings.heartbeat_timeout_s
             )
         except _EXCHANGE_ERRORS:
@@ -187,6 +223,15 @@ class Peers:
             return
         self._keep(state)
         self._apply(self.membership.heartbeat_succeeded(peer_id, time.monotonic()))
+
+    async def _paired(self, peer_id: str, address: str) -> bool:
+        """Whether we may talk to it; meets it first if we have not yet."""
+        if self.trust.is_paired(peer_id):
+            return True
+        if self.trust.store.get(peer_id) is not None:
+            return False  # pending or unpaired: the operator decides, not a heartbeat
+        node = await self.probe(address, "peer")
+        return node is not None and node.node_id == peer_id and self.trust.is_paired(peer_id)
 
     async def _pushes(self) -> None:
         while True:
@@ -208,11 +253,11 @@ class Peers:
 
     async def say_goodbye(self) -> None:
         """Tell every live peer we are leaving, within GOODBYE_TIMEOUT_S."""
-        alive = [p.view.address for p in self.routable()]
+        alive = [p.view.peer_id for p in self.routable()]
         await asyncio.gather(
-            *(self.link(a).goodbye(self.self_id, GOODBYE_TIMEOUT_S) for a in alive),
+            *(self.link(p).goodbye(self.self_id, GOODBYE_TIMEOUT_S) for p in alive),
             return_exceptions=True,
         )
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(link.aclose() for link in self._links.values()))
+        await asyncio.gather(*(link.aclose() for link in self._links.values()), *self._closing)

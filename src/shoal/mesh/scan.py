@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import psutil
 
-from shoal.mesh.state import NodeState
+from shoal.trust.store import TrustedNode
 
 # Addresses probed at once: a /24 takes a few connect timeouts, not 254 of them.
 DEFAULT_CONCURRENCY = 64
@@ -47,13 +47,13 @@ def scan_targets(
 
 async def scan(
     targets: list[str],
-    probe: Callable[[str], Awaitable[NodeState | None]],
+    probe: Callable[[str], Awaitable[TrustedNode | None]],
     concurrency: int = DEFAULT_CONCURRENCY,
-) -> list[tuple[str, NodeState]]:
+) -> list[tuple[str, TrustedNode]]:
     """Probe every target, `concurrency` at a time; the ones that answered."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(url: str) -> tuple[str, NodeState | None]:
+    async def one(url: str) -> tuple[str, TrustedNode | None]:
         async with gate:
             return url, await probe(url)
 

@@ -69,14 +69,13 @@ class PeerTarget:
     def __init__(self, peer: Peer, peers: Peers, model: str, candidate: Candidate) -> None:
         assert peer.state is not None
         self._peer_id = peer.view.peer_id
-        self._address = peer.view.address
         self._peers = peers
         self.name = peer.state.name
         self.model = model
         self.candidate = candidate
 
     async def send(self, op: Operation, body: bytes) -> Upstream:
-        return await self._peers.link(self._address).send(op, body)
+        return await self._peers.link(self._peer_id).send(op, body)
 
     def begin(self) -> None:
         self._peers.sent[self._peer_id] += 1

@@ -1,0 +1,344 @@
+"""Who may use this node's HTTP API (DESIGN §5), checked before any handler runs.
+
+In order, for every request:
+
+1. `Host` allowlist (DNS-rebinding defence): the name the client used must be
+   `localhost`, a loopback address, one of this machine's own names or addresses, or in
+   `cluster.allowed_hosts`. A web page that rebinds its own domain to this machine still
+   sends its domain as `Host`, and is refused (403 `host_not_allowed`). A browser's
+   `Origin`, when sent, must pass the same test (403 `origin_not_allowed`): otherwise any
+   web page could make a visitor's browser POST to the keyless loopback API.
+2. Client authentication: loopback clients need no key; on the network, a client needs
+   `Authorization: Bearer <key>` (`shoal keys create`) unless the cluster is open
+   (401 `invalid_api_key`). Node-to-node paths are exempt: node keys authenticate them.
+
+Also here: the HTTP header limits for the server (`HEADER_LIMITS`), and a logging
+filter that keeps keys and bearer tokens out of the log (`install_log_redaction`).
+Errors are raised as `shoal.errors` exceptions; `shoal.api.errors` formats them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from urllib.parse import urlsplit
+
+import psutil
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
+
+from shoal.errors import Forbidden, ShoalError, Unauthorized
+from shoal.settings import Settings
+from shoal.trust.keys import KeyStore
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Keyword arguments for `web.AppRunner(...)`: aiohttp refuses a request beyond these
+#: with 400 before any handler runs, so a client cannot make the node buffer headers.
+HEADER_LIMITS: dict[str, int] = {
+    # The request line: method, path and query. Shoal's paths are under 100 bytes and take
+    # no long queries; 4 KiB is generous and stops URL-stuffing.
+    "max_line_size": 4096,
+    # One header line. An API key is ~52 bytes, but browsers send every cookie set for
+    # `localhost` by any local web app; 8 KiB is what nginx and aiohttp allow by default.
+    "max_field_size": 8190,
+    # Header count. SDKs send ~10 and browsers ~20; 64 × 8 KiB bounds a request's headers
+    # at 512 KiB (aiohttp's default of 128 allows twice that for no use).
+    "max_headers": 64,
+}
+
+#: Paths exempt from *client* authentication (never from the Host check): the health
+#: probe, and the node-to-node protocol, which node keys authenticate (handshakes under
+#: /shoal/v1/trust/, state exchange and goodbye under /shoal/v1/mesh/). An entry ending
+#: in "/" covers the routes registered under it. Matched against the route that aiohttp
+#: resolved, not the raw path, so no spelling of a URL reaches another route exempt.
+CLIENT_AUTH_EXEMPT: tuple[str, ...] = ("/healthz", "/shoal/v1/mesh/", "/shoal/v1/trust/")
+
+LOOPBACK_NAMES = frozenset({"localhost"})
+_NAME = re.compile(r"[a-z0-9_~-]+(\.[a-z0-9_~-]+)*")
+_PORT = re.compile(r"[0-9]{1,5}")
+_MAX_REMEMBERED_REFUSALS = 256
+
+
+# -- Host and Origin --------------------------------------------------------------------
+
+
+def normalise_host(name: str) -> str | None:
+    """A bare host name or address in one canonical form, or None if it is neither.
+
+    Lowercase, without a trailing dot; IP addresses in compressed form, IPv6 without its
+    zone (`fe80::1%eth0` → `fe80::1`), IPv4-mapped IPv6 as plain IPv4.
+    """
+    name = name.strip().lower().removesuffix(".")
+    address, percent, _zone = name.partition("%")
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return name if _NAME.fullmatch(name) else None
+    if isinstance(ip, ipaddress.IPv4Address):
+        return None if percent else ip.compressed
+    return (ip.ipv4_mapped or ip).compressed
+
+
+def host_of(header: str) -> str | None:
+    """The host in a `Host` header (`name`, `name:port`, `[v6]`, `[v6]:port`), normalised;
+    None when the header is malformed (an unbracketed IPv6 address included)."""
+    header = header.strip()
+    if header.startswith("["):
+        name, bracket, rest = header[1:].partition("]")
+        if not bracket or ":" not in name:
+            return None
+    elif header.count(":") > 1:
+        return None
+    else:
+        name, colon, port = header.partition(":")
+        rest = colon + port
+    if rest and not (rest[0] == ":" and _PORT.fullmatch(rest[1:])):
+        return None
+    return normalise_host(name) if name else None
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a normalised host is `localhost` or a loopback address."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_address(remote: str | None) -> bool:
+    """Whether a request's remote address is on this machine (127/8, ::1, mapped 127/8).
+
+    Anything unknown (no address, a Unix socket) is not loopback: fail closed.
+    """
+    host = normalise_host(remote) if remote else None
+    return host is not None and host not in LOOPBACK_NAMES and is_loopback_host(host)
+
+
+class MachineHosts:
+    """This machine's names and addresses, for the Host allowlist.
+
+    Re-read at most every `ttl_s` seconds, so an address that DHCP hands out later is
+    accepted soon after. Names: the hostname, its first label, both with `.local`
+    (mDNS), the configured bind host, and `extra` (e.g. the node's mDNS server name).
+    """
+
+    def __init__(self, settings: Settings, extra: Iterable[str] = (), ttl_s: float = 5.0) -> None:
+        self._settings = settings
+        self._extra = tuple(extra)
+        self._ttl_s = ttl_s
+        self._hosts: set[str] = set()
+        self._read_at: float | None = None
+
+    def __call__(self) -> set[str]:
+        now = time.monotonic()
+        if self._read_at is None or now - self._read_at >= self._ttl_s:
+            self._hosts = self._read()
+            self._read_at = now
+        return self._hosts
+
+    def _read(self) -> set[str]:
+        names = {*self._extra, self._settings.host, self._settings.bind_host}
+        hostname = socket.gethostname()
+        for name in (hostname, hostname.split(".")[0]):
+            names |= {name, f"{name}.local"}
+        try:
+            interfaces = psutil.net_if_addrs()
+        except OSError:  # pragma: no cover - psutil fails only on exotic systems
+            interfaces = {}
+        for addresses in interfaces.values():
+            for address in addresses:
+                if address.family in (socket.AF_INET, socket.AF_INET6):
+                    names.add(address.address)
+        return {host for name in names if name and (host := normalise_host(name))}
+
+
+# -- the middleware ---------------------------------------------------------------------
+
+
+def is_exempt(request: web.Request) -> bool:
+    """Whether the route this request resolved to is exempt from client authentication."""
+    resource = request.match_info.route.resource
+    if resource is None:  # no route matched: 404/405, which need a key like any other
+        return False
+    path = resource.canonical
+    return any(
+        path.startswith(entry) if entry.endswith("/") else path == entry
+        for entry in CLIENT_AUTH_EXEMPT
+    )
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token of the one `Authorization: Bearer` header, or None."""
+    values = request.headers.getall("Authorization", [])
+    if len(values) != 1:
+        return None
+    scheme, _, token = values[0].strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def access_middleware(
+    settings: Settings,
+    keys: KeyStore,
+    own_hosts: Callable[[], set[str]],
+    *,
+    is_loopback: Callable[[str | None], bool] = is_loopback_address,
+    cluster_mode: Callable[[], str] | None = None,
+    peer_request: Callable[[web.Request], bool] | None = None,
+) -> Middleware:
+    """The aiohttp middleware enforcing the Host allowlist, then client authentication.
+
+    Put it after `errors_middleware` (which formats what it raises). `cluster_mode`
+    reads the mode per request (default `settings.cluster_mode`); `peer_request` says
+    whether a request was proven to come from a trusted node (by its node key) and so
+    needs no client key; `is_loopback` decides from the remote address (injectable for
+    tests).
+    """
+    configured = {h for entry in settings.cluster.allowed_hosts if (h := host_of(entry))}
+    mode = cluster_mode or (lambda: settings.cluster_mode)
+    refused_hosts: set[str] = set()
+    broken_store: list[str] = []  # the last key-file error logged, to log each once
+
+    def allowed(host: str | None) -> bool:
+        if host is None:
+            return False
+        if is_loopback_host(host) or host in configured:
+            return True
+        own = own_hosts()
+        return host in own or host in {normalise_host(h) for h in own}
+
+    def refuse_host(what: str, value: str, code: str) -> Forbidden:
+        shown = value[:100]
+        if len(refused_hosts) < _MAX_REMEMBERED_REFUSALS and shown not in refused_hosts:
+            refused_hosts.add(shown)
+            log.warning(
+                "refused a request with %s %r: not this machine; if it is, add it to "
+                "cluster.allowed_hosts",
+                what,
+                shown,
+            )
+        error = Forbidden(
+            f"the {what} {shown!r} does not name this machine; the node's operator can add "
+            "it to cluster.allowed_hosts (this check defends against DNS rebinding)"
+        )
+        error.code = code
+        return error
+
+    def check_host(request: web.Request) -> None:
+        hosts = request.headers.getall("Host", [])
+        if len(hosts) > 1:
+            raise refuse_host("Host header", ", ".join(hosts), "host_not_allowed")
+        if not hosts:
+            if request.version < (1, 1):
+                return  # HTTP/1.0 may omit Host; browsers never do, so no rebinding here
+            error = Forbidden("the request has no Host header")
+            error.code = "host_not_allowed"
+            raise error
+        if not allowed(host_of(hosts[0])):
+            raise refuse_host("Host header", hosts[0], "host_not_allowed")
+        for origin in request.headers.getall("Origin", []):
+            try:
+                origin_host = urlsplit(origin.strip()).hostname
+            except ValueError:
+                origin_host = None
+            if not allowed(normalise_host(origin_host) if origin_host else None):
+                raise refuse_host("Origin", origin, "origin_not_allowed")
+
+    def check_key(request: web.Request) -> None:
+        token = bearer_token(request)
+        if token is None:
+            raise Unauthorized(
+                "this node needs an API key from clients on the network: send "
+                "'Authorization: Bearer <key>' (the node's operator makes one with "
+                "'shoal keys create NAME')"
+            )
+        try:
+            record = keys.verify(token)
+        except ShoalError as exc:  # a corrupt or unreadable key file: refuse, fail closed
+            if broken_store[-1:] != [exc.message]:
+                broken_store[:] = [exc.message]
+                log.error("cannot check API keys: %s", exc.message)
+            raise ShoalError(
+                "this node cannot check API keys now; its operator will find why in its log"
+            ) from None
+        broken_store.clear()
+        if record is None:
+            raise Unauthorized("the API key is not valid (wrong, or revoked)")
+
+    @web.middleware
+    async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
+        check_host(request)
+        if not (
+            is_exempt(request)
+            or is_loopback(request.remote)
+            or mode() == "open"
+            or (peer_request is not None and peer_request(request))
+        ):
+            check_key(request)
+        return await handler(request)
+
+    return access
+
+
+# -- keeping secrets out of the log -----------------------------------------------------
+
+_SECRETS = re.compile(r"shoal-(sk|ct)-[A-Za-z0-9_-]+")
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\"\\]+")
+
+
+def redact(text: str) -> str:
+    """`text` with API keys, cluster secrets and bearer tokens replaced by a marker."""
+    if "shoal-" in text:
+        text = _SECRETS.sub(r"shoal-\1-[redacted]", text)
+    if "earer" in text or "EARER" in text:
+        text = _BEARER.sub(r"\1[redacted]", text)
+    return text
+
+
+class RedactSecrets(logging.Filter):
+    """A handler filter: no log line carries a key, secret or bearer token.
+
+    aiohttp logs a malformed request with the offending request line quoted, which can be
+    an `Authorization` header; such records become one line without the quote.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            args = (record.getMessage(), error.code, type(error).__name__)
+            record.msg = "%s: malformed HTTP request refused with %d (%s; not quoted here)"
+            record.args = args
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Add `RedactSecrets` to every handler of `logger` (default: the root logger).
+
+    Call after logging is configured: filters on handlers see every propagated record.
+    """
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())

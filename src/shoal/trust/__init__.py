@@ -1,0 +1,1 @@
+"""Trust: who may join the cluster and who may use it."""

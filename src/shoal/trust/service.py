@@ -1,0 +1,292 @@
+"""The node's trust: admission handshakes, the trust store, and the TLS contexts.
+
+Handshakes run over the plain API port (they must work before any trust exists);
+everything else between nodes runs over mutual TLS on the peer port, where only paired
+nodes' certificates are accepted. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from shoal.mesh.identity import Identity, node_id_of
+from shoal.settings import Settings
+from shoal.trust import certs, handshake
+from shoal.trust.handshake import HandshakeError
+from shoal.trust.secret import read_secret
+from shoal.trust.store import PendingFull, TrustedNode, TrustState, TrustStore
+
+log = logging.getLogger(__name__)
+
+HELLO_PATH = "/shoal/v1/trust/hello"
+CONFIRM_PATH = "/shoal/v1/trust/confirm"
+HANDSHAKE_TIMEOUT_S = 5.0
+_RESPONDER, _INITIATOR = b"responder", b"initiator"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(doc: dict[str, Any], key: str) -> bytes:
+    try:
+        return base64.b64decode(str(doc[key]), validate=True)
+    except (KeyError, ValueError, TypeError):
+        raise HandshakeError(f"malformed handshake: bad {key}") from None
+
+
+class Trust:
+    def __init__(self, identity: Identity, settings: Settings, peer_port: int) -> None:
+        self.identity = identity
+        self.name = settings.name
+        self.api_port = settings.port  # the bound port, set by the node once it listens
+        self._settings = settings
+        self._data_dir = settings.data_dir
+        self.peer_port = peer_port
+        self.cert = certs.load_or_create_cert(identity, settings.data_dir)
+        self.store = TrustStore(settings.data_dir / "trust.json")
+        self._nonces = handshake.NonceBook.empty()
+        self._hellos: dict[bytes, dict[str, Any]] = {}  # open handshakes, by our nonce
+        self._clients: dict[str, ssl.SSLContext] = {}
+        self.server_context = self._fresh_server_context()
+        # Live inbound TLS connections per peer, to cut them when it is unpaired.
+        self._connections: dict[str, weakref.WeakSet[asyncio.Transport]] = {}
+        # Told when a node loses trust, so its listener and links can be rebuilt.
+        self.on_revoked: Callable[[str], None] = lambda node_id: None
+
+    # -- mode ---------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """Explicit config wins; else a cluster secret on disk means secret mode; else
+        pairing on the LAN and open on loopback (where no other machine can reach us)."""
+        if self._settings.cluster.mode is not None:
+            return self._settings.cluster.mode
+        if read_secret(self._data_dir):
+            return "secret"
+        return "pairing" if self._settings.lan else "open"
+
+    def secret(self) -> str | None:
+        return read_secret(self._data_dir)
+
+    def advert(self) -> dict[str, str]:
+        """What mDNS may say: mode, peer port and a short fingerprint of the secret."""
+        fields = {"m": self.mode, "pp": str(self.peer_port)}
+        secret = self.secret() if self.mode == "secret" else None
+        if secret:
+            fields["fp"] = handshake.secret_fingerprint(secret)
+        return fields
+
+    # -- who is trusted -----------------------------------------------------------------
+
+    def is_paired(self, node_id: str) -> bool:
+        self.store.reload()
+        return self.store.state(node_id) is TrustState.PAIRED
+
+    def peer_url(self, node_id: str, host: str) -> str:
+        node = self.store.get(node_id)
+        port = node.peer_port if node and node.peer_port else self.peer_port
+        return f"https://{host}:{port}"
+
+    def client_context(self, node_id: str) -> ssl.SSLContext:
+        context = self._clients.get(node_id)
+        if context is None:
+            node = self.store.get(node_id)
+            if node is None or node.state is not TrustState.PAIRED or not node.cert:
+                raise HandshakeError("not paired with that node")
+            context = certs.client_context(self.identity, self.cert, node.cert.encode())
+            self._clients[node_id] = context
+        return context
+
+    def peer_of(self, der_cert: bytes | None) -> str | None:
+        """The paired node a TLS client certificate belongs to, or None."""
+        if not der_cert:
+            return None
+        node_id = node_id_of(certs.public_key_of_cert(der_cert))
+        return node_id if self.is_paired(node_id) else None
+
+    def track(self, node_id: str, transport: asyncio.Transport) -> None:
+        self._connections.setdefault(node_id, weakref.WeakSet()).add(transport)
+
+    # -- the operator's decisions -------------------------------------------------------
+
+    def accept(self, node: TrustedNode) -> None:
+        self.store.set_state(node.node_id, TrustState.PAIRED)
+        self.server_context.load_verify_locations(cadata=node.cert)
+        log.info("paired with %s (%s)", node.name or "?", node.node_id[:12])
+
+    def revoke(self, node: TrustedNode, *, forget: bool) -> None:
+        """Decline, unpair or forget: its connections are cut at once."""
+        if forget:
+            self.store.forget(node.node_id)
+        else:
+            self.store.set_state(node.node_id, TrustState.UNPAIRED)
+        self._clients.pop(node.node_id, None)
+        self.server_context = self._fresh_server_context()
+        for transport in list(self._connections.pop(node.node_id, ())):
+            transport.abort()
+        log.info("%s %s (%s)", "forgot" if forget else "unpaired", node.name, node.node_id[:12])
+        self.on_revoked(node.node_id)
+
+    def _fresh_server_context(self) -> ssl.SSLContext:
+        trusted = [n.cert.encode() for n in self.store.paired() if n.cert]
+        return certs.server_context(self.identity, self.cert, trusted)
+
+    # -- the handshake, as initiator ----------------------------------------------------
+
+    async def admit(self, api_url: str) -> TrustedNode:
+        """Run the handshake with the node at `api_url`; its entry in the store."""
+        mode, secret = self.mode, self.secret()
+        nonce_a = handshake.new_nonce()
+        hello = {
+            "mode": mode,
+            "node_id": self.identity.node_id,
+            "name": self.name,
+            "public_key": _b64(self.identity.public_key),
+            "cert": self.cert.decode(),
+            "api_port": self.api_port,
+            "peer_port": self.peer_port,
+            "nonce": _b64(nonce_a),
+        }
+        timeout = aiohttp.ClientTimeout(HANDSHAKE_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            reply = await _post(session, api_url + HELLO_PATH, hello)
+            pk_b = _unb64(reply, "public_key")
+            node_id = str(reply.get("node_id"))
+            handshake.check_claimed_id(node_id, pk_b)
+            nonce_b = _unb64(reply, "nonce")
+            if reply.get("mode") != mode:
+                raise HandshakeError(
+                    f"cluster mode mismatch: we are {mode}, they are {reply.get('mode')}"
+                )
+            t = handshake.transcript(mode, self.identity.public_key, pk_b, nonce_a, nonce_b)
+            handshake.check_signature(pk_b, _RESPONDER, t, _unb64(reply, "signature"))
+            if mode == "secret":
+                if secret is None:
+                    raise HandshakeError("this node has no cluster secret (shoal token create)")
+                handshake.check_secret_proof(secret, _RESPONDER, t, _unb64(reply, "proof"))
+            cert = str(reply.get("cert", ""))
+            if certs.public_key_of_cert(cert.encode()) != pk_b:
+                raise HandshakeError("certificate does not match the node key")
+            confirm = {
+                "nonce": _b64(nonce_b),
+                "signature": _b64(self.identity.sign(_INITIATOR + b"|" + t)),
+            }
+            if mode == "secret" and secret:
+                confirm["proof"] = _b64(handshake.secret_proof(secret, _INITIATOR, t))
+            await _post(session, api_url + CONFIRM_PATH, confirm)
+        return self._met(node_id, pk_b, cert, reply, api_url, mode)
+
+    # -- the handshake, as responder ----------------------------------------------------
+
+    def hello(self, doc: dict[str, Any]) -> dict[str, Any]:
+        mode, secret = self.mode, self.secret()
+        if doc.get("mode") != mode:
+            raise HandshakeError(f"cluster mode mismatch: we are {mode}, you are {doc.get('mode')}")
+        if mode == "secret" and secret is None:
+            raise HandshakeError("this node has no cluster secret yet")
+        pk_a, nonce_a = _unb64(doc, "public_key"), _unb64(doc, "nonce")
+        handshake.check_claimed_id(str(doc.get("node_id")), pk_a)
+        if certs.public_key_of_cert(str(doc.get("cert", "")).encode()) != pk_a:
+            raise HandshakeError("certificate does not match the node key")
+        self._check_not_unpaired(str(doc.get("node_id")))
+        nonce_b = self._nonces.issue(time.monotonic(), pk_a, nonce_a)
+        self._hellos = {n: d for n, d in self._hellos.items() if n in self._nonces.issued}
+        self._hellos[nonce_b] = doc
+        t = handshake.transcript(mode, pk_a, self.identity.public_key, nonce_a, nonce_b)
+        reply = {
+            "mode": mode,
+            "node_id": self.identity.node_id,
+            "name": self.name,
+            "public_key": _b64(self.identity.public_key),
+            "cert": self.cert.decode(),
+            "peer_port": self.peer_port,
+            "nonce": _b64(nonce_b),
+            "signature": _b64(self.identity.sign(_RESPONDER + b"|" + t)),
+        }
+        if mode == "secret" and secret:
+            reply["proof"] = _b64(handshake.secret_proof(secret, _RESPONDER, t))
+        return reply
+
+    def confirm(self, doc: dict[str, Any], remote_ip: str) -> TrustedNode:
+        mode, secret = self.mode, self.secret()
+        nonce_b = _unb64(doc, "nonce")
+        pk_a, nonce_a = self._nonces.take(time.monotonic(), nonce_b)
+        hello = self._hellos.pop(nonce_b, {})
+        t = handshake.transcript(mode, pk_a, self.identity.public_key, nonce_a, nonce_b)
+        handshake.check_signature(pk_a, _INITIATOR, t, _unb64(doc, "signature"))
+        if mode == "secret":
+            if secret is None:
+                raise HandshakeError("this node has no cluster secret yet")
+            handshake.check_secret_proof(secret, _INITIATOR, t, _unb64(doc, "proof"))
+        host = f"[{remote_ip}]" if ":" in remote_ip else remote_ip
+        address = f"http://{host}:{int(hello.get('api_port') or 0)}"
+        return self._met(node_id_of(pk_a), pk_a, str(hello.get("cert", "")), hello, address, mode)
+
+    # -- both sides ---------------------------------------------------------------------
+
+    def _met(
+        self,
+        node_id: str,
+        public_key: bytes,
+        cert: str,
+        doc: dict[str, Any],
+        api_url: str,
+        mode: str,
+    ) -> TrustedNode:
+        self._check_not_unpaired(node_id)
+        was = self.store.state(node_id)
+        try:
+            node = self.store.met(
+                node_id,
+                public_key,
+                paired=mode in ("open", "secret"),
+                name=str(doc.get("name", ""))[:64],
+                address=api_url,
+                code=handshake.confirmation_code(self.identity.public_key, public_key),
+                cert=cert,
+                peer_port=int(doc.get("peer_port") or 0),
+            )
+        except PendingFull as exc:
+            raise HandshakeError(str(exc)) from None
+        if node.state is TrustState.PAIRED and was is not TrustState.PAIRED:
+            self.server_context.load_verify_locations(cadata=node.cert)
+            log.info("paired with %s (%s) by %s", node.name, node_id[:12], mode)
+        elif node.state is TrustState.PENDING and was is None:
+            log.warning(
+                "pairing request from %s (%s) at %s, code %s: `shoal pair accept %s` if the "
+                "code matches the one shown there",
+                node.name, node.short_id, api_url, node.code, node_id[:12],
+            )  # fmt: skip
+        return node
+
+    def _check_not_unpaired(self, node_id: str) -> None:
+        if self.store.state(node_id) is TrustState.UNPAIRED:
+            raise HandshakeError("this node was unpaired; it must be paired again")
+
+
+async def _post(session: aiohttp.ClientSession, url: str, doc: dict[str, Any]) -> dict[str, Any]:
+    async with session.post(
+        url, data=orjson.dumps(doc), headers={"Content-Type": "application/json"}
+    ) as r:
+        body = await r.read()
+        if r.status != 200:
+            try:
+                reason = orjson.loads(body)["error"]["message"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                reason = f"HTTP {r.status}"
+            raise HandshakeError(f"refused by the other node: {reason}")
+        document = orjson.loads(body)
+        if not isinstance(document, dict):
+            raise HandshakeError("malformed handshake reply")
+        return document
