@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LLAMA_SERVER_ALIAS, SMOLLM_ID
 from shoal.trust.secret import new_secret, write_secret
+from tests.conftest import LLAMA_SERVER_ALIAS, SMOLLM_ID
 from tests.netns.lan import Host, Lan, netns_available
 
 pytestmark = [pytest.mark.netns, pytest.mark.engine]

@@ -34,7 +34,7 @@ ROUTES = [
 
 def build_app(node: Node) -> web.Application:
     app = web.Application(
-        middlewares=[errors_middleware],
+        middlewares=[errors_middleware, mesh.peer_identity],
         client_max_size=node.settings.limits.max_body_bytes,
     )
     app[NODE] = node

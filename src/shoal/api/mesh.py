@@ -9,6 +9,7 @@ import logging
 import orjson
 from aiohttp import web
 
+from shoal.api.errors import Handler
 from shoal.api.state import NODE
 from shoal.errors import Forbidden, InvalidRequest, NotFound, UpstreamFailed
 from shoal.mesh.state import ProtocolError, decode
@@ -19,23 +20,33 @@ log = logging.getLogger(__name__)
 _MAX_MESSAGE = 1 << 20  # a snapshot with thousands of models is still far below 1 MiB
 
 
-def paired_peer(request: web.Request) -> str | None:
-    """The paired node at the other end of this request's mutual-TLS connection, if any.
+PEER: web.RequestKey[str | None] = web.RequestKey("peer", str | None)  # type: ignore[arg-type]
 
-    Requests on the API port have no client certificate and get None; on the peer port
-    the TLS handshake already refused every certificate but a paired node's.
+
+@web.middleware
+async def peer_identity(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Name the paired node at the other end of a mutual-TLS request (None otherwise).
+
+    Requests on the API port carry no client certificate; on the peer port the TLS
+    handshake already refused every certificate but a paired node's. Its connections
+    are tracked so that unpairing it cuts them at once.
     """
-    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    if ssl_object is None:
-        return None
-    peer_id: str | None = request.app[NODE].trust.peer_of(ssl_object.getpeercert(binary_form=True))
-    if peer_id is not None and isinstance(request.transport, asyncio.Transport):
-        request.app[NODE].trust.track(peer_id, request.transport)
-    return peer_id
+    peer_id = None
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    if ssl_object is not None:
+        trust = request.app[NODE].trust
+        peer_id = trust.peer_of(ssl_object.getpeercert(binary_form=True))
+        if peer_id is None:
+            raise Forbidden("this node does not trust your key")
+        if isinstance(transport, asyncio.Transport):
+            trust.track(peer_id, transport)
+    request[PEER] = peer_id
+    return await handler(request)
 
 
 def _require_peer(request: web.Request) -> str:
-    peer_id = paired_peer(request)
+    peer_id: str | None = request.get(PEER)
     if peer_id is None:
         raise Forbidden("node-to-node calls need the peer port and a paired node's key")
     return peer_id

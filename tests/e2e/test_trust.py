@@ -1,0 +1,205 @@
+"""Admission between nodes on loopback: secret mode, pairing, replay, unpairing.
+
+Every node-to-node call runs over mutual TLS on the peer port; these tests check that
+only nodes that passed the handshake (and, in pairing mode, were accepted on both
+sides) exchange state or inference, and that the attacks in issue 4 fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+
+from shoal.mesh import identity
+from shoal.trust import certs, handshake
+from shoal.trust.secret import new_secret, write_secret
+from tests.fakes import FakeServer
+from tests.support import NodeProcess, free_port, get_json, http, start_node, wait_for
+
+
+def _peers(node: NodeProcess) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in get_json(node.url + "/shoal/v1/peers")["peers"]}
+
+
+def _pairs(node: NodeProcess) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in get_json(node.url + "/shoal/v1/pairs")["nodes"]}
+
+
+def _models(node: NodeProcess) -> set[str]:
+    return {m["id"] for m in get_json(node.url + "/v1/models")["data"]}
+
+
+class Pair:
+    """Two nodes (a, b) that know each other's address; b holds model "far"."""
+
+    def __init__(self, home: Path, mode: str, secrets: tuple[str | None, str | None]) -> None:
+        self.fake = FakeServer(["far"]).start()
+        ports = {"a": free_port(), "b": free_port()}
+        self.nodes: dict[str, NodeProcess] = {}
+        for name, secret in zip(("a", "b"), secrets, strict=True):
+            other = ports["b" if name == "a" else "a"]
+            if secret:
+                write_secret(home / name / "data", secret)
+            args = ["--no-embedded", "--name", name]
+            if name == "b":
+                args += ["--backend", self.fake.url]
+            self.nodes[name] = start_node(
+                home / name, *args, port=ports[name], wait_backend=None,
+                env={"SHOAL_CLUSTER__MODE": mode,
+                     "SHOAL_PEERS": json.dumps([f"http://127.0.0.1:{other}"])},
+            )  # fmt: skip
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+        self.fake.close()
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> Iterator[list[Pair]]:
+    made: list[Pair] = []
+    yield made
+    for pair in made:
+        pair.close()
+
+
+def test_same_secret_pairs_and_routes(tmp_path: Path, built: list[Pair]) -> None:
+    secret = new_secret()
+    pair = Pair(tmp_path, "secret", (secret, secret))
+    built.append(pair)
+    a = pair.nodes["a"]
+    wait_for(lambda: "far" in _models(a), 20, "a to list b's model")
+    status, headers, _ = http(
+        "POST", a.url + "/v1/chat/completions",
+        orjson.dumps({"model": "far", "messages": [{"role": "user", "content": "hi"}]}),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    assert (status, headers["X-Shoal-Served-By"]) == (200, "b")
+    assert _pairs(a)["b"]["state"] == "paired"
+    # The secret is nowhere in what the nodes say or log.
+    for node in pair.nodes.values():
+        assert secret not in node.log()
+        assert secret not in json.dumps(node.status())
+        assert secret not in json.dumps(get_json(node.url + "/shoal/v1/peers"))
+
+
+def test_wrong_secret_is_rejected_at_the_handshake(tmp_path: Path, built: list[Pair]) -> None:
+    pair = Pair(tmp_path, "secret", (new_secret(), new_secret()))
+    built.append(pair)
+    a, b = pair.nodes["a"], pair.nodes["b"]
+    wait_for(lambda: "cluster secret mismatch" in a.log(), 20, "a to report the mismatch")
+    wait_for(lambda: "cluster secret mismatch" in b.log(), 20, "b to report the mismatch")
+    assert _peers(a) == {} and _pairs(a) == {}
+    assert "far" not in _models(a)
+
+
+def test_pairing_needs_both_sides_then_unpair_cuts_a_live_stream(
+    tmp_path: Path, built: list[Pair]
+) -> None:
+    pair = Pair(tmp_path, "pairing", (None, None))
+    built.append(pair)
+    a, b = pair.nodes["a"], pair.nodes["b"]
+    wait_for(lambda: "b" in _pairs(a) and "a" in _pairs(b), 20, "both to see a pending node")
+    a_view, b_view = _pairs(a)["b"], _pairs(b)["a"]
+    assert a_view["state"] == b_view["state"] == "pending"
+    assert a_view["code"] == b_view["code"]  # the same confirmation code on both sides
+    time.sleep(1.5)  # heartbeats run; nothing may pass while pending
+    assert "far" not in _models(a) and _peers(a) == {}
+
+    http("POST", a.url + f"/shoal/v1/pairs/{a_view['node_id']}/accept", b"{}")
+    time.sleep(1.0)
+    assert "far" not in _models(a)  # one side is not enough
+    http("POST", b.url + f"/shoal/v1/pairs/{b_view['node_id']}/accept", b"{}")
+    wait_for(lambda: "far" in _models(a), 20, "a to list b's model after both accepted")
+
+    pair.fake.chunk_gap_s = 0.2
+    pair.fake.words = tuple(f" w{i}" for i in range(50))
+    client = openai.OpenAI(base_url=a.url + "/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(
+        model="far", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    received = 0
+    started = time.monotonic()
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            received += 1
+            if received == 3:  # b stops trusting a mid-stream
+                http("POST", b.url + f"/shoal/v1/pairs/{b_view['node_id']}/unpair", b"{}")
+    assert received < 50 and time.monotonic() - started < 5
+    assert _pairs(b)["a"]["state"] == "unpaired"
+    wait_for(lambda: "far" not in _models(a), 20, "a to stop listing b's model")
+
+
+def test_replayed_and_forged_handshakes_fail(tmp_path: Path) -> None:
+    secret = new_secret()
+    write_secret(tmp_path / "b" / "data", secret)
+    b = start_node(
+        tmp_path / "b", "--no-embedded", wait_backend=None,
+        env={"SHOAL_CLUSTER__MODE": "secret"},
+    )  # fmt: skip
+    try:
+        asyncio.run(_attack(b.url, secret, tmp_path))
+        assert "replayed" in b.log()
+    finally:
+        b.stop()
+
+
+async def _attack(url: str, secret: str, home: Path) -> None:
+    me = identity.load_or_create(home / "attacker")
+    cert = certs.load_or_create_cert(me, home / "attacker")
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    async with aiohttp.ClientSession() as session:
+
+        async def post(path: str, doc: dict[str, Any]) -> tuple[int, Any]:
+            async with session.post(url + path, data=orjson.dumps(doc)) as response:
+                return response.status, orjson.loads(await response.read())
+
+        nonce_a = handshake.new_nonce()
+        hello = {"mode": "secret", "node_id": me.node_id, "name": "x", "api_port": 1,
+                 "public_key": b64(me.public_key), "cert": cert.decode(), "peer_port": 1,
+                 "nonce": b64(nonce_a)}  # fmt: skip
+        status, reply = await post("/shoal/v1/trust/hello", hello)
+        assert status == 200
+        pk_b, nonce_b = base64.b64decode(reply["public_key"]), base64.b64decode(reply["nonce"])
+        t = handshake.transcript("secret", me.public_key, pk_b, nonce_a, nonce_b)
+        confirm = {
+            "nonce": reply["nonce"],
+            "signature": b64(me.sign(b"initiator|" + t)),
+            "proof": b64(handshake.secret_proof(secret, b"initiator", t)),
+        }
+        assert (await post("/shoal/v1/trust/confirm", confirm))[0] == 200
+        # The same confirm again: refused.
+        status, error = await post("/shoal/v1/trust/confirm", confirm)
+        assert status == 403 and "replayed" in error["error"]["message"]
+        # A hello claiming someone else's ID with our key: refused.
+        forged = {**hello, "node_id": "ab" * 32}
+        status, error = await post("/shoal/v1/trust/hello", forged)
+        assert status == 403 and "does not match" in error["error"]["message"]
+        # A proof made with the wrong secret: refused, and nothing paired.
+        status, reply = await post("/shoal/v1/trust/hello", {**hello, "nonce": b64(nonce_a)})
+        nonce_b = base64.b64decode(reply["nonce"])
+        t = handshake.transcript("secret", me.public_key, pk_b, nonce_a, nonce_b)
+        wrong = {"nonce": reply["nonce"], "signature": b64(me.sign(b"initiator|" + t)),
+                 "proof": b64(handshake.secret_proof(new_secret(), b"initiator", t))}  # fmt: skip
+        status, error = await post("/shoal/v1/trust/confirm", wrong)
+        assert status == 403 and "secret mismatch" in error["error"]["message"]
+
+
+def test_node_calls_on_the_api_port_are_refused(tmp_path: Path) -> None:
+    node = start_node(tmp_path, "--no-embedded", wait_backend=None)
+    try:
+        status, _, raw = http("POST", node.url + "/shoal/v1/mesh/goodbye", b"{}")
+        assert status == 403
+        assert "peer port" in orjson.loads(raw)["error"]["message"]
+    finally:
+        node.stop()
