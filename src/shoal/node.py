@@ -245,6 +245,7 @@ class Node:
 
     def _revoked(self, node_id: str) -> None:
         self.peers.forget(node_id)
+        self._restarts = [t for t in self._restarts if not t.done()]
         self._restarts.append(asyncio.ensure_future(self._start_peer_site()))
 
     async def _lan(self) -> None:

@@ -149,6 +149,7 @@ def test_spillover_under_load(cluster: Cluster) -> None:
         env,
     )
     a = cluster.nodes["a"]
+    wait_for(lambda: sorted(models_of(a)["slow"]["nodes"]) == ["a", "b"], 10, "b's model at a")
     # Idle: served locally.
     assert chat(a, "slow")[1]["X-Shoal-Served-By"] == "a"
     # Busy: the second concurrent request spills to b, which is idle.

@@ -33,14 +33,10 @@ async def peer_identity(request: web.Request, handler: Handler) -> web.StreamRes
     """
     peer_id = None
     transport = request.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport else None
-    if ssl_object is not None:
-        trust = request.app[NODE].trust
-        peer_id = trust.peer_of(ssl_object.getpeercert(binary_form=True))
+    if isinstance(transport, asyncio.Transport) and transport.get_extra_info("ssl_object"):
+        peer_id = request.app[NODE].trust.peer_of_connection(transport)
         if peer_id is None:
             raise Forbidden("this node does not trust your key")
-        if isinstance(transport, asyncio.Transport):
-            trust.track(peer_id, transport)
     request[PEER] = peer_id
     return await handler(request)
 

@@ -125,7 +125,8 @@ class Peers:
         self._states.pop(peer_id, None)
         for key in [k for k in self._links if k[0] == peer_id]:
             link = self._links.pop(key)
-            self._closing.append(asyncio.ensure_future(link.aclose()))
+            self._closing = [f for f in self._closing if not f.done()]
+        self._closing.append(asyncio.ensure_future(link.aclose()))
 
     def request_failed(self, peer_id: str) -> None:
         self._apply(self.membership.request_failed(peer_id, time.monotonic()))

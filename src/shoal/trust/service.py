@@ -61,6 +61,9 @@ class Trust:
         self.server_context = self._fresh_server_context()
         # Live inbound TLS connections per peer, to cut them when it is unpaired.
         self._connections: dict[str, weakref.WeakSet[asyncio.Transport]] = {}
+        self._by_connection: weakref.WeakKeyDictionary[asyncio.Transport, str] = (
+            weakref.WeakKeyDictionary()
+        )
         # Told when a node loses trust, so its listener and links can be rebuilt.
         self.on_revoked: Callable[[str], None] = lambda node_id: None
 
@@ -115,8 +118,19 @@ class Trust:
         node_id = node_id_of(certs.public_key_of_cert(der_cert))
         return node_id if self.is_paired(node_id) else None
 
-    def track(self, node_id: str, transport: asyncio.Transport) -> None:
-        self._connections.setdefault(node_id, weakref.WeakSet()).add(transport)
+    def peer_of_connection(self, transport: asyncio.Transport) -> str | None:
+        """The paired node at the other end of a peer-port connection (checked once per
+        connection: revoking a node aborts its connections, so the answer cannot go stale).
+        """
+        known = self._by_connection.get(transport)
+        if known is not None:
+            return known
+        ssl_object = transport.get_extra_info("ssl_object")
+        node_id = self.peer_of(ssl_object.getpeercert(binary_form=True)) if ssl_object else None
+        if node_id is not None:
+            self._by_connection[transport] = node_id
+            self._connections.setdefault(node_id, weakref.WeakSet()).add(transport)
+        return node_id
 
     # -- the operator's decisions -------------------------------------------------------
 
@@ -134,6 +148,7 @@ class Trust:
         self._clients.pop(node.node_id, None)
         self.server_context = self._fresh_server_context()
         for transport in list(self._connections.pop(node.node_id, ())):
+            self._by_connection.pop(transport, None)
             transport.abort()
         log.info("%s %s (%s)", "forgot" if forget else "unpaired", node.name, node.node_id[:12])
         self.on_revoked(node.node_id)
