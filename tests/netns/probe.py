@@ -110,8 +110,8 @@ def mdns_register(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     properties = dict(item.split("=", 1) for item in args.txt)
     info = ServiceInfo(
-        SERVICE_TYPE,
-        f"{args.name}.{SERVICE_TYPE}",
+        args.service_type,
+        f"{args.name}.{args.service_type}",
         addresses=[socket.inet_aton(args.ip)],
         port=args.port,
         properties=properties,
@@ -187,6 +187,7 @@ def main() -> int:
     p.add_argument("--ip", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--txt", action="append", default=[])
+    p.add_argument("--service-type", default=SERVICE_TYPE)
     p.set_defaults(run=mdns_register)
     p = sub.add_parser("mdns-browse")
     p.add_argument("--timeout", type=float, default=10)

@@ -88,6 +88,7 @@ class Node:
 @dataclass
 class Cluster:
     lan: Lan
+    agent_host: Host
     agent: Agent
     nodes: dict[str, Node]
     figures: dict[str, float] = field(default_factory=dict)
@@ -162,7 +163,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, f16_gguf: Path) -> Iterato
             ),
             "n3": Node("n3", h3, home / "n3", ("--no-embedded",)),
         }  # fmt: skip
-        built = Cluster(lan, Agent(lan, hc), nodes)
+        built = Cluster(lan, hc, Agent(lan, hc), nodes)
         try:
             yield built
         finally:
@@ -232,6 +233,32 @@ def test_delay_and_loss_cause_no_false_removal(cluster: Cluster) -> None:
         assert (answer.get("status"), answer["headers"]["X-Shoal-Served-By"]) == (200, "n1")
     finally:
         cluster.lan.clear_netem(n1)
+
+
+def test_a_spoofed_advert_gets_no_trust(cluster: Cluster) -> None:
+    """Someone on the LAN advertises n3's node ID at its own address."""
+    n3 = cluster.peers_of("n1")["n3"]
+    client = cluster.agent_host
+    spoofer = cluster.lan.run(
+        client,
+        [sys.executable, str(HERE / "probe.py"), "mdns-register", "--service-type",
+         "_shoal._tcp.local.", "--name", f"evil-{n3['node_id'][:8]}", "--ip", client.ip,
+         "--port", str(PORT), "--txt", "v=1", "--txt", f"id={n3['node_id']}",
+         "--txt", f"port={PORT}", "--txt", "m=secret"],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            for viewer in ("n1", "n2"):
+                seen = cluster.peers_of(viewer)["n3"]
+                assert seen["health"] == "healthy", f"{viewer} lost n3 to a spoofed advert"
+                assert seen["address"] == n3["address"], f"{viewer} moved n3 to {seen['address']}"
+            time.sleep(0.3)
+        # Requests keep flowing to n2 through n3's neighbours as before.
+        answer = cluster.chat("n3", LLAMA_SERVER_ALIAS)
+        assert (answer["status"], answer["headers"]["X-Shoal-Served-By"]) == (200, "n2")
+    finally:
+        cluster.lan.stop(spoofer)
 
 
 def test_sigkill_loses_no_request_and_peers_stop_routing(cluster: Cluster) -> None:

@@ -25,6 +25,7 @@ import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TypedDict
 from urllib.parse import urlsplit
 
 import psutil
@@ -40,11 +41,18 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
+class HeaderLimits(TypedDict):
+    max_line_size: int
+    max_field_size: int
+    max_headers: int
+
+
 #: Keyword arguments for `web.AppRunner(...)`: aiohttp refuses a request beyond these
 #: with 400 before any handler runs, so a client cannot make the node buffer headers.
-HEADER_LIMITS: dict[str, int] = {
-    # The request line: method, path and query. Shoal's paths are under 100 bytes and take
-    # no long queries; 4 KiB is generous and stops URL-stuffing.
+HEADER_LIMITS: HeaderLimits = {
+    # The request target (path and query). Shoal's paths are under 100 bytes and take no
+    # long queries; 4 KiB is generous and stops URL-stuffing.
     "max_line_size": 4096,
     # One header line. An API key is ~52 bytes, but browsers send every cookie set for
     # `localhost` by any local web app; 8 KiB is what nginx and aiohttp allow by default.

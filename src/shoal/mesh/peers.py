@@ -109,6 +109,18 @@ class Peers:
     # -- inputs ---------------------------------------------------------------------
 
     def sighted(self, peer_id: str, address: str, source: str) -> None:
+        view = self.membership.view(peer_id)
+        if (
+            view is not None
+            and view.address != address
+            and view.state is PeerState.ALIVE
+            and source in ("mdns", "scan")
+        ):
+            # An advert is a hint: anyone can claim a live peer's ID at another address.
+            # While the peer answers where it is, such a claim is ignored (the claimant
+            # could not pass the pinned TLS anyway, but switching would cut us off).
+            log.debug("ignoring %s sighting of live peer %s at %s", source, peer_id[:12], address)
+            return
         self._apply(self.membership.sighted(peer_id, address, time.monotonic(), source))
         self._wake.set()
 
