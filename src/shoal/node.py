@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import secrets
 import signal
 import time
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from shoal import __version__
+from shoal.api.access import HEADER_LIMITS
 from shoal.api.app import build_app
 from shoal.backends.detect import Detector, make_backend
 from shoal.backends.registry import BackendEntry, BackendRegistry
@@ -24,7 +24,7 @@ from shoal.mesh.peers import Peer, Peers
 from shoal.mesh.state import Hardware, Load, ModelAdvert, NodeState, local_hardware
 from shoal.routing.dispatch import Dispatcher
 from shoal.routing.router import Router
-from shoal.settings import Settings
+from shoal.settings import DEFAULT_PORT, Settings
 from shoal.trust.service import Trust
 
 log = logging.getLogger(__name__)
@@ -39,15 +39,13 @@ class Node:
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
         self._state_seq = 0
-        self.instance = secrets.token_hex(8)
-        self.duplicate_of: str | None = None
         self.hardware = local_hardware()
         self.port = settings.port
         self.registry = BackendRegistry(interval_s=settings.detect.interval_s)
         self.registry.on_change = self._models_changed
         peer_port = settings.mesh.peer_port
-        if peer_port is None:
-            peer_port = settings.port + 1 if settings.port else 0
+        if peer_port is None:  # the well-known pair of ports, or let the system choose
+            peer_port = DEFAULT_PORT + 1 if settings.port == DEFAULT_PORT else 0
         self.trust = Trust(self.identity, settings, peer_port)
         self.trust.on_revoked = self._revoked
         self.peers = Peers(
@@ -102,7 +100,6 @@ class Node:
             version=__version__,
             api_port=self.port,
             seq=self._state_seq,
-            instance=self.instance,
             uptime_s=round(time.monotonic() - self._started_monotonic, 3),
             models=tuple(models.values()),
             load=Load(
@@ -111,17 +108,6 @@ class Node:
             ),
             hardware=self.hardware,
         )
-
-    def duplicate_id_seen(self, where: str) -> None:
-        """Another live process presents our ID: report it loudly, keep serving."""
-        if self.duplicate_of != where:
-            log.error(
-                "another node at %s presents this node's ID %s: was the data dir copied? "
-                "Delete node.key on one of them to give it an identity of its own.",
-                where,
-                self.identity.short_id,
-            )
-        self.duplicate_of = where
 
     def local_in_flight(self) -> int:
         return sum(entry.in_flight for entry in self.registry.entries())
@@ -160,7 +146,7 @@ class Node:
             "backends": [_backend_status(entry) for entry in self.registry.entries()],
             "models": sorted({info.id for info, _ in self.registry.models()}),
             "peers": len(self.peers.routable()),
-            "duplicate_id_at": self.duplicate_of,
+            "duplicate_id_seen_from": self.trust.duplicate_seen_at,
         }
 
     def peer_list(self) -> list[dict[str, Any]]:
@@ -185,7 +171,9 @@ class Node:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; every background task ends with the node."""
-        runner = self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        runner = self._runner = web.AppRunner(
+            self.app, handler_cancellation=True, access_log=None, **HEADER_LIMITS
+        )
         await runner.setup()
         host = self.settings.bind_host
         site = web.TCPSite(runner, host, self.settings.port, reuse_address=True)

@@ -135,8 +135,9 @@ class MeshSettings(_Section):
 
     # Advertise and browse `_shoal._tcp.local.` in LAN mode.
     mdns: bool = True
-    # The mutual-TLS port for node-to-node traffic. None: the API port + 1 (11451 by
-    # default), or any free port when the API port is chosen by the system (0).
+    # The mutual-TLS port for node-to-node traffic. None: 11451 beside the default API
+    # port 11450; beside any other API port, a free port the system picks (peers learn
+    # it from the handshake and the mDNS advert).
     peer_port: int | None = Field(default=None, ge=0, le=65535)
     # One automatic scan of the local /24 when LAN mode has found no peer by then.
     scan_after_s: float = Field(default=10.0, gt=0)
@@ -204,12 +205,6 @@ class Settings(BaseSettings):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"{url!r} must start with http:// or https://")
         return tuple(url.rstrip("/") for url in peers)
-
-    @property
-    def cluster_mode(self) -> ClusterMode:
-        if self.cluster.mode is not None:
-            return self.cluster.mode
-        return "pairing" if self.lan else "open"
 
     @property
     def bind_host(self) -> str:

@@ -1,19 +1,22 @@
 """Client access on a real `shoal serve`: the Host allowlist, header limits, API keys made
 with the real `shoal keys`, and that no key ever reaches the log or a response.
 
-A client that is *not* on loopback cannot be made here: every address a test process
-can send from on this machine (127.0.0.2 included) is loopback, and a real LAN needs
-network namespaces. "LAN client without key → 401, revoked key → 401" is therefore
-tested in tests/unit/test_access.py, on a real aiohttp server whose loopback predicate
-is injected; tests/netns is where a LAN client can exercise it end to end.
+Every address a test process can send from on this machine (127.0.0.2 included) is
+loopback, so a client *on the network* needs a real LAN: the last test builds one out
+of network namespaces (tests/netns/lan.py; root only, skipped elsewhere) and checks
+"no key → 401, valid key → 200, revoked key → 401, rebinding Host → 403" from a
+second host. tests/unit/test_access.py covers the same rules everywhere, with an
+injected loopback predicate.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import pytest
 import shoal.api.app
 import shoal.node
 from tests.fakes import FakeServer
+from tests.netns.lan import Host, Lan, netns_available
 from tests.support import NodeProcess, clean_env, http, start_node
 
 MODEL = "fake-model"
@@ -178,3 +182,108 @@ def test_an_api_key_appears_in_no_log_line_file_or_response(
         assert tail not in text
     assert tail.encode() not in files
     assert "malformed HTTP request" in node.log()  # the refusals were logged, redacted
+
+
+# -- a client on a real LAN -------------------------------------------------------------
+
+NETNS_AGENT = Path(__file__).parent.parent / "netns" / "agent.py"
+
+
+class Agent:
+    """tests/netns/agent.py inside a namespace: an HTTP client on the LAN."""
+
+    def __init__(self, lan: Lan, host: Host) -> None:
+        self.process = lan.run(host, [sys.executable, str(NETNS_AGENT)], pipes=True)
+
+    def call(self, url: str, headers: dict[str, str] | None = None) -> dict[str, object]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        request = {"method": "GET", "url": url, "headers": headers or {}, "timeout": 5}
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        self.process.stdin.flush()
+        return dict(json.loads(self.process.stdout.readline()))
+
+    def status(self, url: str, headers: dict[str, str] | None = None) -> int | None:
+        status = self.call(url, headers).get("status")
+        return status if isinstance(status, int) else None
+
+    def close(self) -> None:
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    def error_code(self, url: str, headers: dict[str, str] | None = None) -> object:
+        answer = self.call(url, headers)
+        return json.loads(str(answer["body"]))["error"]["code"]
+
+
+@pytest.mark.netns
+def test_a_lan_client_needs_a_valid_unrevoked_key(tmp_path: Path) -> None:
+    reason = netns_available()
+    if reason is not None:
+        if os.environ.get("SHOAL_REQUIRE_NETNS"):
+            pytest.fail(f"network namespace tests cannot run: {reason}")
+        pytest.skip(reason)
+    env = {
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "PYTHONUNBUFFERED": "1",
+        "SHOAL_MESH__MDNS": "false",
+    }
+    command = [
+        sys.executable, "-m", "shoal", "serve", "--lan", "--port", "11450",
+        "--data-dir", str(tmp_path / "data"), "--no-detect", "--no-embedded",
+        "--log-level", "debug",
+    ]  # fmt: skip
+    log_path = tmp_path / "node.log"
+    with Lan() as lan:
+        node_host, client_host = lan.add_host("node"), lan.add_host("client")
+        node = lan.run(node_host, command, env=env, log=log_path)
+        agent = Agent(lan, client_host)
+        try:
+            secret = check_lan_access(lan, node, node_host, agent, tmp_path)
+        finally:
+            agent.close()
+            lan.stop(node, agent.process)
+    assert secret[len("shoal-sk-") :] not in log_path.read_text(errors="replace")
+
+
+def check_lan_access(
+    lan: Lan, node: subprocess.Popen[bytes], node_host: Host, agent: Agent, home: Path
+) -> str:
+    """The checks, from the client host; returns the key it made (revoked by the end)."""
+    base = f"http://{node_host.ip}:11450"
+    deadline = time.monotonic() + 30
+    while agent.status(base + "/healthz") != 200:  # exempt from keys, not from Host
+        assert node.poll() is None, (home / "node.log").read_text()
+        assert time.monotonic() < deadline, "the node did not come up on the LAN"
+        time.sleep(0.2)
+
+    models = base + "/v1/models"
+    assert agent.status(models) == 401
+    assert agent.error_code(models) == "invalid_api_key"
+    assert agent.status(base + "/shoal/v1/status") == 401
+
+    data_dir = str(home / "data")
+    created = shoal(home, "keys", "create", "lan-client", "--data-dir", data_dir)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    bearer = {"Authorization": f"Bearer {secret}"}
+    assert agent.status(models, bearer) == 200
+    wrong = secret[:-1] + ("A" if secret[-1] != "A" else "B")
+    assert agent.status(models, {"Authorization": f"Bearer {wrong}"}) == 401
+    # A rebound name is refused whatever key comes with it.
+    rebound = {**bearer, "Host": "evil.example:11450"}
+    assert agent.status(models, rebound) == 403
+    assert agent.error_code(models, rebound) == "host_not_allowed"
+
+    # Revoked with the CLI while the node serves: refused on the very next request.
+    revoked = shoal(home, "keys", "revoke", "lan-client", "--data-dir", data_dir)
+    assert revoked.returncode == 0, revoked.stderr
+    assert agent.status(models, bearer) == 401
+
+    # On the node's own machine, loopback needs no key.
+    local = lan.exec(node_host, [sys.executable, "-c", (
+        "import urllib.request as u;"
+        "print(u.urlopen('http://127.0.0.1:11450/v1/models', timeout=5).status)"
+    )])  # fmt: skip
+    assert local.stdout.strip() == "200"
+    return secret

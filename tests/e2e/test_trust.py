@@ -203,3 +203,31 @@ def test_node_calls_on_the_api_port_are_refused(tmp_path: Path) -> None:
         assert "peer port" in orjson.loads(raw)["error"]["message"]
     finally:
         node.stop()
+
+
+def test_a_copied_data_dir_is_detected(tmp_path: Path) -> None:
+    import shutil
+
+    first = start_node(tmp_path / "one", "--no-embedded", "--name", "one", wait_backend=None)
+    first.stop()
+    shutil.copytree(tmp_path / "one" / "data", tmp_path / "two" / "data")
+    port_one, port_two = free_port(), free_port()
+    nodes = [
+        start_node(
+            tmp_path / name,
+            "--no-embedded",
+            "--name",
+            name,
+            port=port,
+            wait_backend=None,
+            env={"SHOAL_PEERS": json.dumps([f"http://127.0.0.1:{other}"])},
+        )
+        for name, port, other in (("one", port_one, port_two), ("two", port_two, port_one))
+    ]
+    try:
+        wait_for(lambda: any("copied data dir" in n.log() for n in nodes), 20, "the copy reported")
+        assert any(n.status()["duplicate_id_seen_from"] for n in nodes)
+        assert all(_peers(n) == {} for n in nodes)  # neither trusts the other
+    finally:
+        for node in nodes:
+            node.stop()

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from shoal.trust.keys import KeyStore
 from shoal.trust.secret import new_secret, write_secret
 from tests.conftest import LLAMA_SERVER_ALIAS, SMOLLM_ID
 from tests.netns.lan import Host, Lan, netns_available
@@ -40,6 +41,7 @@ class Agent:
 
     def __init__(self, lan: Lan, host: Host) -> None:
         self.process = lan.run(host, [sys.executable, str(HERE / "agent.py")], pipes=True)
+        self.api_keys: dict[str, str] = {}  # node URL -> the API key it gave this client
 
     def call(
         self,
@@ -50,7 +52,9 @@ class Agent:
         timeout: float = 30,
     ) -> dict[str, Any]:
         assert self.process.stdin is not None and self.process.stdout is not None
-        request = {"method": method, "url": url, "headers": headers or {}, "timeout": timeout}
+        key = next((k for base, k in self.api_keys.items() if url.startswith(base + "/")), None)
+        headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+        request = {"method": method, "url": url, "headers": headers, "timeout": timeout}
         if body is not None:
             request["body"] = json.dumps(body)
             request["headers"] = {"Content-Type": "application/json", **(headers or {})}
@@ -98,6 +102,10 @@ class Cluster:
         # A secured cluster: every node holds the same cluster secret (`shoal join --token`
         # puts it in the same place); they admit each other by challenge-response.
         write_secret(node.home / "data", CLUSTER_SECRET)
+        # The client is on the LAN: it needs an API key from each node (`shoal keys create`).
+        if node.url not in self.agent.api_keys:
+            keys = KeyStore.in_data_dir(node.home / "data")
+            self.agent.api_keys[node.url] = keys.create("netns-agent")[1]
         env = {
             "XDG_CONFIG_HOME": str(node.home / "config"),
             "SHOAL_ROUTING__MODEL_ALIASES": json.dumps(ALIASES),

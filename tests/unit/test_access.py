@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import LineTooLong
-from aiohttp.http import HttpVersion, HttpVersion11
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from multidict import CIMultiDict
 
@@ -78,8 +78,14 @@ ROUTES = [
 OWN = {"mybox", "mybox.local", "192.168.1.5", "fe80::1%eth0"}
 
 
+def mode_of(settings: Settings) -> str:
+    """What the trust service would say, short of a cluster secret on disk."""
+    return settings.cluster.mode or ("pairing" if settings.lan else "open")
+
+
 def build(settings: Settings, keys: KeyStore, **options: Any) -> web.Application:
     own: Callable[[], set[str]] = options.pop("own_hosts", lambda: set(OWN))
+    options.setdefault("cluster_mode", lambda: mode_of(settings))
     app = web.Application(
         middlewares=[errors_middleware, access_middleware(settings, keys, own, **options)]
     )
@@ -282,20 +288,18 @@ async def test_missing_or_repeated_host_header(tmp_path: Path, keys: KeyStore) -
 
 
 @pytest.mark.parametrize(
-    ("headers", "version"),
-    [
-        ({}, HttpVersion11),
-        ({"Host": "localhost"}, HttpVersion11),  # twice, below
-    ],
+    "hosts",
+    [(), ("localhost", "evil.example"), ("localhost", "localhost")],
+    ids=["none", "two", "same-twice"],
 )
 async def test_the_middleware_itself_refuses_missing_or_repeated_host(
-    tmp_path: Path, keys: KeyStore, headers: dict[str, str], version: HttpVersion
+    tmp_path: Path, keys: KeyStore, hosts: tuple[str, ...]
 ) -> None:
-    raw_headers = CIMultiDict(headers)
-    if headers:
-        raw_headers.add("Host", "evil.example")
-    request = make_mocked_request("GET", "/v1/models", headers=raw_headers, version=version)
-    middleware = access_middleware(lan_settings(tmp_path), keys, lambda: set())
+    headers = CIMultiDict(("Host", host) for host in hosts)
+    request = make_mocked_request("GET", "/v1/models", headers=headers, version=HttpVersion11)
+    middleware = access_middleware(
+        lan_settings(tmp_path), keys, lambda: set(), cluster_mode=lambda: "pairing"
+    )
     with pytest.raises(Forbidden) as caught:
         await middleware(request, ok)
     assert caught.value.code == "host_not_allowed"
@@ -391,7 +395,7 @@ async def test_two_authorization_headers_are_refused(tmp_path: Path, keys: KeySt
 async def test_an_open_cluster_needs_no_key(tmp_path: Path, keys: KeyStore) -> None:
     async with serve(lan_settings(tmp_path, mode="open"), keys, is_loopback=on_the_lan) as client:
         assert (await call(client, "GET", "/v1/models"))[0] == 200
-    # Not in LAN mode and no mode set: open (settings.cluster_mode).
+    # Not in LAN mode and no mode set: open.
     async with serve(Settings(data_dir=tmp_path), keys, is_loopback=on_the_lan) as client:
         assert (await call(client, "GET", "/v1/models"))[0] == 200
 
@@ -549,7 +553,9 @@ async def test_a_key_in_a_malformed_header_is_not_logged(tmp_path: Path, keys: K
         with redacted_log() as lines:
             padded = f"Authorization: Bearer {secret}{'A' * HEADER_LIMITS['max_field_size']}"
             await raw(port, head("GET /v1/models HTTP/1.1", [padded]))
-            await raw(port, head("GET /v1/models HTTP/1.1", [f"Authorization: Bearer {secret}\x01"]))
+            await raw(
+                port, head("GET /v1/models HTTP/1.1", [f"Authorization: Bearer {secret}\x01"])
+            )
             # And an ordinary request with the key, valid and then not.
             good = await raw(
                 port, head("GET /v1/models HTTP/1.1", [f"Authorization: Bearer {secret}"])

@@ -29,7 +29,6 @@ def sample() -> NodeState:
         api_port=11450,
         seq=7,
         uptime_s=12.5,
-        instance="0123456789abcdef",
         models=(
             ModelAdvert("llama3", True, ("chat/completions", "completions"), 4_000_000, "Q4_K_M"),
             ModelAdvert("minilm", False, ("embeddings",)),

@@ -24,7 +24,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import TypedDict
 from urllib.parse import urlsplit
 
@@ -33,13 +33,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
+from shoal.api.errors import Handler
 from shoal.errors import Forbidden, ShoalError, Unauthorized
 from shoal.settings import Settings
 from shoal.trust.keys import KeyStore
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class HeaderLimits(TypedDict):
@@ -201,20 +200,21 @@ def access_middleware(
     keys: KeyStore,
     own_hosts: Callable[[], set[str]],
     *,
+    cluster_mode: Callable[[], str],
     is_loopback: Callable[[str | None], bool] = is_loopback_address,
-    cluster_mode: Callable[[], str] | None = None,
     peer_request: Callable[[web.Request], bool] | None = None,
 ) -> Middleware:
     """The aiohttp middleware enforcing the Host allowlist, then client authentication.
 
     Put it after `errors_middleware` (which formats what it raises). `cluster_mode`
-    reads the mode per request (default `settings.cluster_mode`); `peer_request` says
+    reads the mode per request (the trust service's: it follows `shoal token create`
+    without a restart); `peer_request` says
     whether a request was proven to come from a trusted node (by its node key) and so
     needs no client key; `is_loopback` decides from the remote address (injectable for
     tests).
     """
     configured = {h for entry in settings.cluster.allowed_hosts if (h := host_of(entry))}
-    mode = cluster_mode or (lambda: settings.cluster_mode)
+    mode = cluster_mode
     refused_hosts: set[str] = set()
     broken_store: list[str] = []  # the last key-file error logged, to log each once
 

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from shoal.api import mesh, openai, operator
+from shoal.api.access import MachineHosts, access_middleware
 from shoal.api.errors import errors_middleware
 from shoal.api.state import NODE
+from shoal.trust.keys import KeyStore
 
 if TYPE_CHECKING:
     from shoal.node import Node
@@ -34,7 +36,17 @@ ROUTES = [
 
 def build_app(node: Node) -> web.Application:
     app = web.Application(
-        middlewares=[errors_middleware, mesh.peer_identity],
+        middlewares=[
+            errors_middleware,
+            mesh.peer_identity,
+            access_middleware(
+                node.settings,
+                KeyStore.in_data_dir(node.settings.data_dir),
+                MachineHosts(node.settings, extra=[f"shoal-{node.node_id[:12]}.local"]),
+                cluster_mode=lambda: node.trust.mode,
+                peer_request=lambda request: request.get(mesh.PEER) is not None,
+            ),
+        ],
         client_max_size=node.settings.limits.max_body_bytes,
     )
     app[NODE] = node

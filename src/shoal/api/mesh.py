@@ -56,19 +56,9 @@ async def exchange_state(request: web.Request) -> web.Response:
         state = decode(await request.content.read(_MAX_MESSAGE))
     except ProtocolError as exc:
         raise InvalidRequest(f"not a Shoal state snapshot: {exc}") from None
-    if state.node_id not in (peer_id, node.node_id):
+    if state.node_id != peer_id:
         raise Forbidden("that snapshot is not the connecting node's own")
-    if state.node_id == node.node_id:
-        if state.instance != node.instance:  # not our own probe of our own address
-            node.duplicate_id_seen(request.remote or "?")
-            error = InvalidRequest(
-                "you present this node's ID: two nodes share one identity "
-                "(a copied data dir?); delete node.key on one of them"
-            )
-            error.status, error.code = 409, "duplicate_node_id"
-            raise error
-    else:
-        node.peers.received(state, _address(request.remote or "", state.api_port))
+    node.peers.received(state, _address(request.remote or "", state.api_port))
     return _json_bytes(node.snapshot().encode())
 
 

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from shoal import settings as settings_mod
 from shoal.cli import client, config_file
+from shoal.cli.keys import keys_app
 from shoal.errors import ConfigError
 from shoal.trust import secret as secret_mod
 
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Read and change the configuration file.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(keys_app, name="keys")
 token_app = typer.Typer(help="The cluster secret (secret mode).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 pair_app = typer.Typer(help="Pairing with other nodes (pairing mode).", no_args_is_help=True)
@@ -109,6 +111,9 @@ def serve(
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from shoal.api.access import install_log_redaction
+
+    install_log_redaction()
     from shoal.node import serve as run_node
 
     run_node(settings)

@@ -65,8 +65,6 @@ class NodeState:
     api_port: int
     seq: int
     uptime_s: float
-    # Random per process: one ID from two processes at once means a copied data dir.
-    instance: str = ""
     models: tuple[ModelAdvert, ...] = ()
     load: Load = field(default_factory=Load)
     hardware: Hardware = field(default_factory=Hardware)
@@ -81,7 +79,6 @@ class NodeState:
                 "api_port": self.api_port,
                 "seq": self.seq,
                 "uptime_s": self.uptime_s,
-                "instance": self.instance,
                 "models": [_model_dict(m) for m in self.models],
                 "load": {
                     "in_flight": self.load.in_flight,
@@ -137,7 +134,6 @@ def decode(raw: bytes) -> NodeState:
         api_port=_int(doc, "api_port", 1, 65535),
         seq=_int(doc, "seq", 0, 2**63),
         uptime_s=_number(doc, "uptime_s"),
-        instance=_text(doc, "instance"),
         models=tuple(_model(m) for m in models),
         load=Load(
             in_flight=_int(load, "in_flight", 0, 1 << 30),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import ssl
 import time
@@ -34,6 +35,14 @@ HANDSHAKE_TIMEOUT_S = 5.0
 _RESPONDER, _INITIATOR = b"responder", b"initiator"
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -57,6 +66,9 @@ class Trust:
         self.store = TrustStore(settings.data_dir / "trust.json")
         self._nonces = handshake.NonceBook.empty()
         self._hellos: dict[bytes, dict[str, Any]] = {}  # open handshakes, by our nonce
+        self._own_nonces: set[bytes] = set()  # hellos we are sending now (to tell self apart)
+        # Where another live node presenting our own ID was seen (a copied data dir).
+        self.duplicate_seen_at: str | None = None
         self._clients: dict[str, ssl.SSLContext] = {}
         self.server_context = self._fresh_server_context()
         # Live inbound TLS connections per peer, to cut them when it is unpaired.
@@ -72,12 +84,14 @@ class Trust:
     @property
     def mode(self) -> str:
         """Explicit config wins; else a cluster secret on disk means secret mode; else
-        pairing on the LAN and open on loopback (where no other machine can reach us)."""
+        open when bound to loopback (no other machine can reach us), pairing otherwise."""
         if self._settings.cluster.mode is not None:
             return self._settings.cluster.mode
         if read_secret(self._data_dir):
             return "secret"
-        return "pairing" if self._settings.lan else "open"
+        host = self._settings.bind_host
+        loopback = host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback)
+        return "open" if loopback else "pairing"
 
     def secret(self) -> str | None:
         return read_secret(self._data_dir)
@@ -163,6 +177,15 @@ class Trust:
         """Run the handshake with the node at `api_url`; its entry in the store."""
         mode, secret = self.mode, self.secret()
         nonce_a = handshake.new_nonce()
+        self._own_nonces.add(nonce_a)
+        try:
+            return await self._admit(api_url, mode, secret, nonce_a)
+        finally:
+            self._own_nonces.discard(nonce_a)
+
+    async def _admit(
+        self, api_url: str, mode: str, secret: str | None, nonce_a: bytes
+    ) -> TrustedNode:
         hello = {
             "mode": mode,
             "node_id": self.identity.node_id,
@@ -212,6 +235,16 @@ class Trust:
             raise HandshakeError("this node has no cluster secret yet")
         pk_a, nonce_a = _unb64(doc, "public_key"), _unb64(doc, "nonce")
         handshake.check_claimed_id(str(doc.get("node_id")), pk_a)
+        if pk_a == self.identity.public_key:
+            if nonce_a in self._own_nonces:
+                raise HandshakeError("that address is this node itself")
+            self.duplicate_seen_at = str(doc.get("name", "?"))
+            log.error(
+                "another live node presents this node's ID %s: was the data dir copied? "
+                "Delete node.key on one of them to give it an identity of its own.",
+                self.identity.short_id,
+            )
+            raise HandshakeError("you present this node's own ID: a copied data dir?")
         if certs.public_key_of_cert(str(doc.get("cert", "")).encode()) != pk_a:
             raise HandshakeError("certificate does not match the node key")
         self._check_not_unpaired(str(doc.get("node_id")))
