@@ -136,6 +136,7 @@ class Pool:
         answer = Answer(started=time.perf_counter())
         idle = self._idle[key]
         connection = idle.pop() if idle else None
+        keep = False
         try:
             async with asyncio.timeout(self.timeout_s):
                 if connection is None:
@@ -144,10 +145,12 @@ class Pool:
                 _, keep = await connection.request(method, path, body, headers, answer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
             answer.error = _describe(e)
-            keep = False
         except TimeoutError:
             answer.error = f"no complete answer in {self.timeout_s} s"
-            keep = False
+        except BaseException:  # cancelled: the connection is in an unknown state
+            if connection is not None:
+                connection.close()
+            raise
         if not answer.ended:
             answer.ended = time.perf_counter()
         if connection is not None:
@@ -197,3 +200,53 @@ async def wait_port(host: str, port: int, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s} s")
         await asyncio.sleep(0.05)
+
+
+@dataclass(slots=True)
+class Arrival:
+    at: float  # seconds after the start of the trace
+    origin: str  # where to send it
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def open_loop(
+    pool: Pool, arrivals: list[Arrival], path: str, body: bytes, cutoff_s: float
+) -> list[Answer]:
+    """Send each arrival at its time, whatever the earlier ones are doing (open loop).
+
+    Requests still unanswered `cutoff_s` after the trace began are cancelled; their
+    answers carry the error "cut off" and the time they had waited so far.
+    """
+    start = time.perf_counter()
+    answers: list[Answer] = [Answer() for _ in arrivals]
+
+    async def one(index: int, arrival: Arrival) -> None:
+        delay = start + arrival.at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        answers[index] = Answer(started=time.perf_counter(), error="cut off")
+        answers[index] = await pool.request(arrival.origin, "POST", path, body, arrival.headers)
+
+    tasks = [asyncio.create_task(one(i, a)) for i, a in enumerate(arrivals)]
+    remaining = cutoff_s - (time.perf_counter() - start)
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, remaining))
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    now = time.perf_counter()
+    for answer in answers:
+        if answer.error == "cut off":
+            answer.ended = now
+    return answers
+
+
+def poisson(rate: float, seconds: float, seed: int) -> list[float]:
+    """Arrival times of a Poisson process: `rate` per second for `seconds`, reproducible."""
+    import random
+
+    rng = random.Random(seed)
+    times, now = [], rng.expovariate(rate)
+    while now < seconds:
+        times.append(now)
+        now += rng.expovariate(rate)
+    return times

@@ -168,10 +168,16 @@ class Generation:
         if self.usage:
             events.append(
                 orjson.dumps(
-                    {"id": "bench", "object": "chat.completion.chunk", "created": 0,
-                     "model": self.model, "choices": [], "usage": self._usage()}
+                    {
+                        "id": "bench",
+                        "object": "chat.completion.chunk",
+                        "created": 0,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": self._usage(),
+                    }
                 )
-            )  # fmt: skip
+            )
         events.append(b"[DONE]")
         return b"".join(_sse_chunk(e) for e in events) + b"0\r\n\r\n"
 
@@ -187,14 +193,21 @@ class Generation:
         text = "".join(f"tok{i} " for i in range(self.chunks))
         if self.chat:
             choice: dict[str, Any] = {
-                "index": 0, "message": {"role": "assistant", "content": text},
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
                 "finish_reason": "stop",
-            }  # fmt: skip
+            }
             kind = "chat.completion"
         else:
             choice, kind = {"index": 0, "text": text, "finish_reason": "stop"}, "text_completion"
-        return {"id": "bench", "object": kind, "created": 0, "model": self.model,
-                "choices": [choice], "usage": self._usage()}  # fmt: skip
+        return {
+            "id": "bench",
+            "object": kind,
+            "created": 0,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self._usage(),
+        }
 
 
 class Server:
@@ -349,12 +362,18 @@ class HttpProtocol(asyncio.Protocol):
         if method == b"GET" and path in (b"/health", b"/healthz"):
             return self._reply(_json(200, {"status": "ok"}, self.close_after))
         if method == b"GET" and path == b"/v1/models":
-            data = [{"id": m, "object": "model", "created": 0, "owned_by": "bench"}
-                    for m in config.models]  # fmt: skip
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "bench"}
+                for m in config.models
+            ]
             return self._reply(_json(200, {"object": "list", "data": data}, self.close_after))
         if method == b"GET" and path == b"/fake/stats":
-            document = {**self.server.stats, "running": self.server.running,
-                        "waiting": len(self.server.waiting), "config": asdict(config)}  # fmt: skip
+            document = {
+                **self.server.stats,
+                "running": self.server.running,
+                "waiting": len(self.server.waiting),
+                "config": asdict(config),
+            }
             return self._reply(_json(200, document, self.close_after))
         if method == b"POST" and path == b"/fake/stats/reset":
             self.server.stats.update(requests=0, completed=0, max_running=0, max_waiting=0)
@@ -384,9 +403,13 @@ class HttpProtocol(asyncio.Protocol):
         chunks = request.get("max_tokens") or request.get("max_completion_tokens")
         options = request.get("stream_options") or {}
         generation = Generation(
-            self, model, chat, bool(request.get("stream")),
-            int(chunks) if chunks else config.chunks, bool(options.get("include_usage")),
-        )  # fmt: skip
+            self,
+            model,
+            chat,
+            bool(request.get("stream")),
+            int(chunks) if chunks else config.chunks,
+            bool(options.get("include_usage")),
+        )
         self.busy = generation
         self.server.admit(generation)
 
@@ -427,10 +450,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     if args.speed <= 0:
         parser.error("--speed must be > 0")
     config = Config(
-        models=tuple(m for m in args.models.split(",") if m), ttft_ms=args.ttft_ms,
-        chunk_gap_ms=args.chunk_gap_ms, chunks=args.chunks, speed=args.speed,
-        capacity=args.capacity, fault=args.fault,
-    )  # fmt: skip
+        models=tuple(m for m in args.models.split(",") if m),
+        ttft_ms=args.ttft_ms,
+        chunk_gap_ms=args.chunk_gap_ms,
+        chunks=args.chunks,
+        speed=args.speed,
+        capacity=args.capacity,
+        fault=args.fault,
+    )
     return args, config
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from tests.support import clean_env, free_port, get_json, wait_for
+from tests.support import clean_env, get_json, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 5.0
@@ -45,6 +46,8 @@ class Service:
     home: Path
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    cpus: str | None = None
+    ready: Callable[[Service], bool] | None = None
 
     def log(self) -> str:
         try:
@@ -55,6 +58,46 @@ class Service:
     @property
     def alive(self) -> bool:
         return self.process.poll() is None
+
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A free loopback port outside the kernel's ephemeral range.
+
+    `tests.support.free_port` asks the kernel for port 0, which hands out a port from the
+    ephemeral range, the same range every outgoing connection takes its local port from:
+    under load (thousands of client connections) or beside a test suite doing the same,
+    the port is often taken again before the server binds it. Ports below the range are
+    never taken by outgoing connections.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL it when the harness dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def pinned(argv: list[str], cpus: str | None) -> list[str]:
@@ -101,8 +144,12 @@ class Processes:
         ready: Callable[[Service], bool] | None = None,
         timeout_s: float = 60.0,
         cwd: Path | None = None,
+        wait: bool = True,
     ) -> Service:
-        """Start argv, wait until `ready` (default: the port accepts connections)."""
+        """Start argv, wait until `ready` (default: the port accepts connections).
+
+        With wait=False, return at once; `wait_ready` waits later (to start many at once).
+        """
         home = self.home / name
         home.mkdir(parents=True, exist_ok=True)
         log_path = home / "log"
@@ -116,24 +163,38 @@ class Processes:
                 env=full_env,
                 cwd=cwd or ROOT,
                 start_new_session=True,  # a Ctrl-C at the terminal reaches us, not them
+                preexec_fn=_die_with_parent,
             )
         service = Service(
-            name, f"http://127.0.0.1:{port}", port, process, log_path, home, argv, env or {}
+            name,
+            f"http://127.0.0.1:{port}",
+            port,
+            process,
+            log_path,
+            home,
+            argv,
+            env or {},
+            cpus,
+            ready,
         )
         self.services.append(service)
+        if wait:
+            self.wait_ready(service, timeout_s)
+        return service
 
+    def wait_ready(self, service: Service, timeout_s: float = 60.0) -> None:
         def up() -> bool:
-            if process.poll() is not None:
+            if service.process.poll() is not None:
                 raise RuntimeError(
-                    f"{name} exited with {process.returncode}:\n{service.log()[-3000:]}"
+                    f"{service.name} exited with {service.process.returncode}:\n"
+                    f"{service.log()[-3000:]}"
                 )
-            if ready is not None:
-                return ready(service)
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            if service.ready is not None:
+                return service.ready(service)
+            socket.create_connection(("127.0.0.1", service.port), timeout=1).close()
             return True
 
-        wait_for(up, timeout_s, f"{name} to be ready", interval=0.05)
-        return service
+        wait_for(up, timeout_s, f"{service.name} to be ready", interval=0.05)
 
     def fake_backend(
         self,
@@ -150,11 +211,26 @@ class Processes:
     ) -> Service:
         port = free_port()
         argv = [
-            sys.executable, "-m", "bench.fake_backend", "--port", str(port),
-            "--models", ",".join(models), "--ttft-ms", str(ttft_ms),
-            "--chunk-gap-ms", str(chunk_gap_ms), "--chunks", str(chunks),
-            "--speed", str(speed), "--capacity", str(capacity), "--fault", fault,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "bench.fake_backend",
+            "--port",
+            str(port),
+            "--models",
+            ",".join(models),
+            "--ttft-ms",
+            str(ttft_ms),
+            "--chunk-gap-ms",
+            str(chunk_gap_ms),
+            "--chunks",
+            str(chunks),
+            "--speed",
+            str(speed),
+            "--capacity",
+            str(capacity),
+            "--fault",
+            fault,
+        ]
         return self.spawn(name, argv, port=port, cpus=cpus, timeout_s=20)
 
     def node(
@@ -167,13 +243,24 @@ class Processes:
         cpus: str | None = None,
         port: int | None = None,
         wait_models: bool = True,
+        wait: bool = True,
     ) -> Service:
         """`shoal serve` on loopback, no detection, no engine; waits for its backend."""
         port = port or free_port()
         argv = [
-            sys.executable, "-m", "shoal", "serve", "--port", str(port), "--name", name,
-            "--data-dir", str(self.home / name / "data"), "--no-detect", "--no-embedded",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "shoal",
+            "serve",
+            "--port",
+            str(port),
+            "--name",
+            name,
+            "--data-dir",
+            str(self.home / name / "data"),
+            "--no-detect",
+            "--no-embedded",
+        ]
         if backend is not None:
             argv += ["--backend", backend]
         full_env = {"SHOAL_LOG_LEVEL": "warning", **(env or {})}
@@ -186,14 +273,22 @@ class Processes:
                 return True
             return any(b["health"] == "healthy" for b in status["backends"])
 
-        return self.spawn(name, argv, port=port, cpus=cpus, env=full_env, ready=ready)
+        return self.spawn(
+            name, argv, port=port, cpus=cpus, env=full_env, ready=ready, wait=wait, timeout_s=90
+        )
 
     def restart(self, service: Service, *, hard: bool = False) -> Service:
         """Stop a service and start it again with the same command, port and environment."""
         self.stop(service, hard=hard)
         self.services.remove(service)
         return self.spawn(
-            service.name, service.argv, port=service.port, env=service.env, timeout_s=60
+            service.name,
+            service.argv,
+            port=service.port,
+            cpus=service.cpus,
+            env=service.env,
+            ready=service.ready,
+            timeout_s=60,
         )
 
     # -- stopping and measuring -------------------------------------------------------

@@ -50,7 +50,6 @@ class Node:
         self.trust.on_revoked = self._revoked
         self.peers = Peers(
             self.node_id,
-            self.name,
             self.snapshot,
             self.trust,
             settings.mesh,

@@ -50,7 +50,6 @@ class Peers:
     def __init__(
         self,
         self_id: str,
-        self_name: str,
         snapshot: Callable[[], NodeState],
         trust: Trust,
         settings: MeshSettings,
@@ -58,7 +57,6 @@ class Peers:
         static: Iterable[str] = (),
     ) -> None:
         self.self_id = self_id
-        self._self_name = self_name
         self.trust = trust
         self._snapshot = snapshot
         self._settings = settings
