@@ -19,6 +19,7 @@ Errors are raised as `shoal.errors` exceptions; `shoal.api.errors` formats them.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
@@ -94,6 +95,7 @@ def normalise_host(name: str) -> str | None:
     return (ip.ipv4_mapped or ip).compressed
 
 
+@functools.lru_cache(maxsize=1024)  # a client sends the same Host on every request
 def host_of(header: str) -> str | None:
     """The host in a `Host` header (`name`, `name:port`, `[v6]`, `[v6]:port`), normalised;
     None when the header is malformed (an unbracketed IPv6 address included)."""
@@ -112,6 +114,7 @@ def host_of(header: str) -> str | None:
     return normalise_host(name) if name else None
 
 
+@functools.lru_cache(maxsize=1024)  # on every request: parse each address once
 def is_loopback_host(host: str) -> bool:
     """Whether a normalised host is `localhost` or a loopback address."""
     if host in LOOPBACK_NAMES:
@@ -122,6 +125,7 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback_address(remote: str | None) -> bool:
     """Whether a request's remote address is on this machine (127/8, ::1, mapped 127/8).
 
