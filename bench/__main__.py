@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import pkgutil
 import sys
 import time
@@ -66,9 +67,17 @@ def main() -> int:
     parser.add_argument(
         "--summary", action="store_true", help="only rebuild README's table from bench/results/"
     )
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw the PNGs from bench/results/*.json"
+    )
     args = parser.parse_args()
     if args.summary:
         print(f"summary written to {summary.write()}")
+        return 0
+    if args.replot:
+        for path in sorted(harness.RESULTS.glob("*.json")):
+            result = harness.from_json(json.loads(path.read_text()))
+            print(plot.render(result, path.with_suffix(".png")))
         return 0
     names = ordered(args.scenario or available())
     unknown = set(names) - set(available())

@@ -138,6 +138,25 @@ class Result:
         return document
 
 
+def from_json(document: dict[str, Any]) -> Result:
+    """A saved result back as a `Result` (to plot it again)."""
+    fields = set(Row.__dataclass_fields__)
+    rows = []
+    for raw in document["rows"]:
+        values = {k: v for k, v in raw.items() if k in fields}
+        if values.get("bound"):
+            values["bound"] = Bound(**values["bound"])
+        rows.append(Row(**values))
+    curves = [
+        Curve(**{**c, "lines": {k: (v[0], v[1]) for k, v in c["lines"].items()}})
+        for c in document.get("curves", [])
+    ]
+    return Result(
+        document["scenario"], document["title"], document["command"], rows,
+        document.get("notes", []), curves, document.get("seconds", 0.0),
+    )  # fmt: skip
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     try:

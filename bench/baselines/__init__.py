@@ -1,0 +1,1 @@
+"""Baselines Shoal is measured against that are small enough to live here."""
