@@ -158,20 +158,10 @@ def from_json(document: dict[str, Any]) -> Result:
 
 
 def machine() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = ""
-    try:
-        kib = int(Path("/proc/meminfo").read_text().split()[1])
-        memory = f"{kib / 1024 / 1024:.0f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
+    from shoal.mesh.state import local_hardware  # what a node reports about itself
+
+    hardware = local_hardware()
+    cpu, memory = hardware.cpu, f"{hardware.ram_bytes / 2**30:.0f} GiB"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
         "cpu": cpu,
