@@ -1,0 +1,204 @@
+"""`shoal peers`, `join`, `token` and `pair`: the cluster as this node sees it, and trust."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from shoal import settings as settings_mod
+from shoal.cli import config_file
+from shoal.cli.common import (
+    ConfigOpt,
+    DataDirOpt,
+    JsonOpt,
+    UrlOpt,
+    fail,
+    human_size,
+    load_settings,
+    node_get,
+    node_post,
+    out,
+)
+from shoal.errors import ConfigError
+from shoal.trust import secret as secret_mod
+
+token_app = typer.Typer(help="The cluster secret (secret mode).", no_args_is_help=True)
+pair_app = typer.Typer(help="Pairing with other nodes (pairing mode).", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(peers)
+    app.command()(join)
+    app.add_typer(token_app, name="token")
+    app.add_typer(pair_app, name="pair")
+
+
+def peers(
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    scan: Annotated[
+        bool, typer.Option("--scan", help="Probe the local /24 for Shoal nodes first.")
+    ] = False,
+    save: Annotated[
+        bool, typer.Option("--save", help="With --scan: keep what is found in the config.")
+    ] = False,
+) -> None:
+    """Show the cluster as this node sees it: peers, health, models, load, hardware."""
+    if scan:
+        found = node_post(url, config, "/shoal/v1/peers/scan", {})["found"]
+        if not as_json:
+            out.print(f"scan found {len(found)} node(s)", highlight=False)
+        if save:
+            _save_peers(config, [f["url"] for f in found])
+    document = node_get(url, config, "/shoal/v1/peers")
+    if as_json:
+        out.print_json(json.dumps(document))
+        return
+    table = Table("name", "id", "address", "health", "models", "load", "hardware", "last seen")
+    for p in document["peers"]:
+        colour = {"healthy": "green", "degraded": "yellow"}.get(p["health"], "red")
+        load = p["load"] or {}
+        hardware = p["hardware"] or {}
+        seen = p["last_seen_s_ago"]
+        table.add_row(
+            p["name"] or "?",
+            p["node_id"][:12],
+            p["address"],
+            f"[{colour}]{p['health']}[/{colour}]",
+            ", ".join(m["id"] for m in p["models"]),
+            f"{load.get('in_flight', 0)}/{load.get('capacity', '?')}" if load else "",
+            f"{hardware.get('cores', '?')} cores, {human_size(hardware.get('ram_bytes'))}"
+            if hardware
+            else "",
+            "never" if seen is None else f"{seen:.0f} s ago",
+        )
+    out.print(table)
+
+
+def join(
+    peer_url: Annotated[str, typer.Argument(help="The node to join, e.g. http://10.0.0.5:11450")],
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+    token: Annotated[
+        str | None, typer.Option(help="The cluster secret (from `shoal token show` there).")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    save: Annotated[
+        bool, typer.Option("--save/--no-save", help="Keep it in the config's peers.")
+    ] = True,
+) -> None:
+    """Add one peer by address (for networks where mDNS does not reach)."""
+    if token is not None:
+        if not token.startswith(secret_mod.PREFIX):
+            raise fail(f"a cluster token starts with {secret_mod.PREFIX}", 2)
+        secret_mod.write_secret(_data_dir(config, data_dir), token)
+    joined = node_post(url, config, "/shoal/v1/peers", {"url": peer_url})
+    who = f"{joined['name']} ({joined['node_id'][:12]}) at {joined['url']}"
+    if joined["trust"] == "pending":
+        out.print(
+            f"pairing requested with {who}. Confirmation code [bold]{joined['code']}[/bold]: "
+            f"if {joined['name']} shows the same code, accept there and here "
+            f"(`shoal pair accept {joined['node_id'][:12]}`).",
+            highlight=False,
+        )
+    else:
+        out.print(f"joined {who}", highlight=False)
+    if save:
+        _save_peers(config, [joined["url"]])
+
+
+def _data_dir(config: Path | None, data_dir: Path | None) -> Path:
+    return data_dir or load_settings(config).data_dir
+
+
+@token_app.command("create")
+def token_create(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Make a cluster secret (once); nodes that know it admit each other."""
+    where = _data_dir(config, data_dir)
+    if secret_mod.read_secret(where):
+        raise fail("this node already has a cluster secret; `shoal token show` or `rotate`", 1)
+    secret_mod.write_secret(where, secret_mod.new_secret())
+    token_show(config, data_dir)
+
+
+@token_app.command("show")
+def token_show(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Print the cluster secret, to give to `shoal join URL --token` on other machines."""
+    secret = secret_mod.read_secret(_data_dir(config, data_dir))
+    if secret is None:
+        raise fail("no cluster secret yet: `shoal token create`", 1)
+    out.print(secret, highlight=False)
+
+
+@token_app.command("rotate")
+def token_rotate(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Replace the cluster secret. Nodes already paired stay paired; new ones need it."""
+    secret_mod.write_secret(_data_dir(config, data_dir), secret_mod.new_secret())
+    token_show(config, data_dir)
+
+
+@pair_app.command("list")
+def pair_list(url: UrlOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Nodes met: pending (waiting for your decision), paired, unpaired."""
+    document = node_get(url, config, "/shoal/v1/pairs")
+    if as_json:
+        out.print_json(json.dumps(document))
+        return
+    out.print(f"cluster mode: {document['mode']}", highlight=False)
+    table = Table("name", "id", "state", "confirmation code", "address")
+    for n in document["nodes"]:
+        table.add_row(n["name"], n["short_id"], n["state"], n["code"], n["address"])
+    out.print(table)
+
+
+def _pair_action(action: str, node: str, url: str | None, config: Path | None) -> None:
+    done = node_post(url, config, f"/shoal/v1/pairs/{node}/{action}", {})
+    out.print(f"{action}: {done['name']} ({done['node_id'][:12]})", highlight=False)
+
+
+NodeArg = Annotated[str, typer.Argument(help="Node ID, ID prefix (8+ characters) or name.")]
+
+
+@pair_app.command("accept")
+def pair_accept(node: NodeArg, url: UrlOpt = None, config: ConfigOpt = None) -> None:
+    """Pair with a pending node (check its confirmation code first)."""
+    _pair_action("accept", node, url, config)
+
+
+@pair_app.command("decline")
+def pair_decline(node: NodeArg, url: UrlOpt = None, config: ConfigOpt = None) -> None:
+    """Refuse a pending node; it is ignored until paired again."""
+    _pair_action("decline", node, url, config)
+
+
+@pair_app.command("unpair")
+def pair_unpair(node: NodeArg, url: UrlOpt = None, config: ConfigOpt = None) -> None:
+    """Stop trusting a paired node; its live connections are cut at once."""
+    _pair_action("unpair", node, url, config)
+
+
+@pair_app.command("forget")
+def pair_forget(node: NodeArg, url: UrlOpt = None, config: ConfigOpt = None) -> None:
+    """Drop a node from the trust store entirely."""
+    _pair_action("forget", node, url, config)
+
+
+def _save_peers(config: Path | None, urls: list[str]) -> None:
+    path = config or settings_mod.default_config_path()
+    try:
+        known = list(config_file.file_value(path, "peers") or [])
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
+    new = [u for u in urls if u not in known]
+    if not new:
+        return
+    try:
+        config_file.set_value(path, "peers", json.dumps(known + new))
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
+    out.print(f"saved {len(new)} peer(s) to {path}", highlight=False)
