@@ -22,8 +22,6 @@ GOODBYE_PATH = "/shoal/v1/mesh/goodbye"
 
 
 class PeerLink:
-    kind = "peer"
-
     def __init__(self, url: str, limits: LimitSettings, context: ssl.SSLContext) -> None:
         self.url = url.rstrip("/")
         self._transport = HttpTransport(

@@ -13,14 +13,12 @@ the node's live connections are closed).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ssl
 import tempfile
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from shoal.mesh.identity import Identity
@@ -68,10 +66,6 @@ def public_key_of_cert(pem_or_der: bytes) -> bytes:
     )
 
 
-def cert_fingerprint(pem: bytes) -> str:
-    return hashlib.sha256(pem).hexdigest()
-
-
 def _with_own_cert(context: ssl.SSLContext, identity: Identity, cert_pem: bytes) -> None:
     key_pem = identity.private_key.private_bytes(
         serialization.Encoding.PEM,
@@ -111,7 +105,3 @@ def client_context(identity: Identity, cert_pem: bytes, peer_cert: bytes) -> ssl
     _with_own_cert(context, identity, cert_pem)
     context.load_verify_locations(cadata=peer_cert.decode())
     return context
-
-
-def new_private_key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
