@@ -112,9 +112,12 @@ class Router:
         """Every target allowed for this request, best first; raises when there is none."""
         names = resolve_model(model, self._settings.model_aliases)
         targets: list[Target] = [*self._local(op, names), *self._remote(op, names)]
-        names_by_id = {
-            p.view.peer_id: p.state.name for p in self._peer_list() if p.state is not None
-        }
+        # Node names matter only to a pin: build them only then (this is the request path).
+        names_by_id = (
+            {p.view.peer_id: p.state.name for p in self._peer_list() if p.state is not None}
+            if policy.pinned is not None
+            else {}
+        )
         usable = allowed(
             [t.candidate for t in targets],
             policy,
