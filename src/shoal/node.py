@@ -1,172 +1,204 @@
-"""The composition root: a node built from its settings, and its lifetime."""
+"""The composition root: a node built from its settings, its reactions, and its lifetime.
+
+Everything is built here and nowhere else; the parts get what they need and tell the
+rest of the node what happened through the event bus (`shoal.events`). The reactions
+subscribed here:
+
+    event                                     reaction
+    ───────────────────────────────────────   ─────────────────────────────────────────
+    BackendUp, BackendDown,                   push our state to the peers (models)
+      BackendModelsChanged
+    LoadChanged crossing the spillover        push our state to the peers (load)
+      threshold
+    TrustChanged from paired to not           restart the peer TLS listener with a
+                                              context that no longer trusts the node
+    PeerJoined                                wake LAN mode's "anyone there?" wait
+    peers, trust, backends (all of them)      one log line each
+    RequestFinished (debug logging only)      one debug line per request
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import signal
-import time
-from typing import Any
 
 from aiohttp import web
 
-from shoal import __version__
-from shoal.api.access import HEADER_LIMITS
+from shoal.api import services
+from shoal.api.access import HEADER_LIMITS, MachineHosts, peer_port_caller
 from shoal.api.app import build_app
+from shoal.api.views import Views
 from shoal.backends.detect import Detector, make_backend
-from shoal.backends.registry import BackendEntry, BackendRegistry
+from shoal.backends.registry import BackendRegistry
 from shoal.engine.supervisor import EngineBackend
+from shoal.events import (
+    BackendDown,
+    BackendModelsChanged,
+    BackendUp,
+    Event,
+    EventBus,
+    LoadChanged,
+    PeerAddressChanged,
+    PeerEvent,
+    PeerJoined,
+    PeerRecovered,
+    PeerRemoved,
+    PeerStateChanged,
+    PeerSuspect,
+    RequestFinished,
+    TrustChanged,
+)
 from shoal.mesh import identity, scan
+from shoal.mesh.advert import OwnState
+from shoal.mesh.identity import short_id
 from shoal.mesh.mdns import MdnsDiscovery, advertised_addresses
-from shoal.mesh.peers import Peer, Peers
-from shoal.mesh.state import Hardware, Load, ModelAdvert, NodeState, local_hardware
+from shoal.mesh.peers import Peers
+from shoal.mesh.state import local_hardware
 from shoal.routing.dispatch import Dispatcher
+from shoal.routing.ledger import LoadLedger
 from shoal.routing.router import Router
 from shoal.settings import DEFAULT_PORT, Settings
+from shoal.trust.admission import Admission
+from shoal.trust.keys import KeyStore
 from shoal.trust.service import Trust
+from shoal.trust.store import TrustState
 
 log = logging.getLogger(__name__)
 
 
 class Node:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, bus: EventBus | None = None) -> None:
         self.settings = settings
         self.name = settings.name
+        self.bus = bus or EventBus()
         self.identity = identity.load_or_create(settings.data_dir)
         self.node_id = self.identity.node_id
-        self.started_at = time.time()
-        self._started_monotonic = time.monotonic()
-        self._state_seq = 0
-        self.hardware = local_hardware()
         self.port = settings.port
-        self.registry = BackendRegistry(interval_s=settings.detect.interval_s)
-        self.registry.on_change = self._models_changed
-        peer_port = settings.mesh.peer_port
-        if peer_port is None:  # the well-known pair of ports, or let the system choose
-            peer_port = DEFAULT_PORT + 1 if settings.port == DEFAULT_PORT else 0
-        self.trust = Trust(self.identity, settings, peer_port)
-        self.trust.on_revoked = self._revoked
-        self.peers = Peers(
-            self.node_id,
-            self.snapshot,
-            self.trust,
-            settings.mesh,
-            settings.limits,
-            static=settings.peers,
-        )
-        self._peer_site: web.TCPSite | None = None
-        self._restarts: list[asyncio.Future[None]] = []
-        self._runner: web.AppRunner | None = None
-        self.router = Router(self.node_id, self.name, self.registry, self.peers, settings.routing)
-        self.dispatcher = Dispatcher(
-            self.router,
-            deadline_s=settings.routing.retry_deadline_s,
-            on_load_change=self._load_changed,
-        )
+        self.url = ""
+        hardware = local_hardware()
+
+        # Backends and load.
+        self.registry = BackendRegistry(self.bus, interval_s=settings.detect.interval_s)
+        self.ledger = LoadLedger(self.bus)
         self.engine: EngineBackend | None = None
         if settings.engine.enabled:
-            self.engine = EngineBackend(settings.engine, settings.limits)
-            entry = self.registry.add(self.engine)
-            self.engine.on_status = functools.partial(self.registry.record, entry)
+            self.engine = EngineBackend(settings.engine, settings.limits, self.bus)
+            self.registry.add(self.engine)
         for config in settings.backends:
             self.registry.add(make_backend(config, settings.limits))
         self.detector = Detector(
             self.registry, settings.detect, settings.limits, own_port=settings.port
         )
-        self.app = build_app(self)
-        self.url = ""
 
-    # -- what this node tells its peers ----------------------------------------------
+        # The mesh and trust.
+        self.own_state = OwnState(
+            self.node_id,
+            self.name,
+            self.registry,
+            self.ledger,
+            hardware,
+            capacity=settings.routing.spillover_max_local_in_flight,
+        )
+        peer_port = settings.mesh.peer_port
+        if peer_port is None:  # the well-known pair of ports, or let the system choose
+            peer_port = DEFAULT_PORT + 1 if settings.port == DEFAULT_PORT else 0
+        self.trust = Trust(self.identity, settings, peer_port)
+        self.peers = Peers(
+            self.node_id,
+            self.own_state.snapshot,
+            self.trust,
+            self.bus,
+            settings.mesh,
+            settings.limits,
+        )
+        self.admission = Admission(
+            self.trust,
+            self.peers,
+            self.bus,
+            static=settings.peers,
+            timeout_s=settings.mesh.heartbeat_timeout_s,
+        )
+        self.scanner = scan.Scanner(
+            lambda url: self.admission.meet(url, "scan", timeout_s=1.5),
+            self_id=self.node_id,
+            port=settings.port,
+            own_addresses=lambda: advertised_addresses(settings.bind_host),
+            concurrency=settings.mesh.scan_concurrency,
+        )
 
-    def snapshot(self) -> NodeState:
-        self._state_seq += 1
-        models: dict[str, ModelAdvert] = {}
-        for info, _ in self.registry.models():
-            known = models.get(info.id)
-            models[info.id] = ModelAdvert(
-                id=info.id,
-                loaded=info.loaded or (known is not None and known.loaded),
-                operations=tuple(sorted(info.operations)),
-                size_bytes=info.size_bytes,
-                quantization=info.quantization,
-                context_length=info.context_length,
-            )
-        return NodeState(
+        # Requests.
+        router = Router(
+            self.node_id, self.name, self.registry, self.peers, self.ledger, settings.routing
+        )
+        self.dispatcher = Dispatcher(
+            router, self.ledger, self.bus, deadline_s=settings.routing.retry_deadline_s
+        )
+        self.views = Views(
             node_id=self.node_id,
             name=self.name,
-            version=__version__,
-            api_port=self.port,
-            seq=self._state_seq,
-            uptime_s=round(time.monotonic() - self._started_monotonic, 3),
-            models=tuple(models.values()),
-            load=Load(
-                in_flight=self.local_in_flight(),
-                capacity=self.settings.routing.spillover_max_local_in_flight,
-            ),
-            hardware=self.hardware,
+            hardware=hardware,
+            registry=self.registry,
+            peers=self.peers,
+            ledger=self.ledger,
+            admission=self.admission,
         )
+        self.app = self._build_app()
 
-    def local_in_flight(self) -> int:
-        return sum(entry.in_flight for entry in self.registry.entries())
+        self._runner: web.AppRunner | None = None
+        self._peer_site: web.TCPSite | None = None
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._first_peer = asyncio.Event()
+        self._subscribe()
 
-    def _models_changed(self) -> None:
-        self.peers.changed()
+    def _build_app(self) -> web.Application:
+        settings = self.settings
+        app = build_app(
+            settings,
+            keys=KeyStore.in_data_dir(settings.data_dir),
+            own_hosts=MachineHosts(settings, extra=[f"shoal-{self.node_id[:12]}.local"]),
+            caller_of=peer_port_caller(self.trust.peer_of_connection),
+            cluster_mode=lambda: self.trust.mode,
+            served_by=self.name,
+        )
+        app[services.DISPATCHER] = self.dispatcher
+        app[services.VIEWS] = self.views
+        app[services.ADMISSION] = self.admission
+        app[services.PEERS] = self.peers
+        app[services.OWN_STATE] = self.own_state
+        app[services.SCANNER] = self.scanner
+        app[services.LIMITS] = settings.limits
+        return app
 
-    def _load_changed(self, in_flight: int) -> None:
-        # Peers rank us by load: tell them when we cross the spillover threshold.
+    # -- reactions ------------------------------------------------------------------------
+
+    def _subscribe(self) -> None:
+        bus = self.bus
+        for kind in (BackendUp, BackendDown, BackendModelsChanged):
+            bus.subscribe(kind, lambda event: self.peers.changed())
+        bus.subscribe(LoadChanged, self._load_changed)
+        bus.subscribe(TrustChanged, self._trust_changed)
+        bus.subscribe(PeerJoined, lambda event: self._first_peer.set())
+        bus.subscribe(Event, _log_event)
+        if log.isEnabledFor(logging.DEBUG):
+            bus.subscribe(RequestFinished, _log_request)
+
+    def _load_changed(self, event: LoadChanged) -> None:
+        # Peers rank us by load: tell them when we cross the spillover threshold, the
+        # figure our advert carries being the same ledger count.
         threshold = self.settings.routing.spillover_max_local_in_flight
-        if in_flight in (threshold, threshold - 1):
+        if event.in_flight in (threshold, threshold - 1):
             self.peers.changed()
 
-    # -- views ------------------------------------------------------------------------
+    def _trust_changed(self, event: TrustChanged) -> None:
+        if event.previous is TrustState.PAIRED and event.state is not TrustState.PAIRED:
+            # Python's ssl cannot forget a trusted certificate: a fresh context, a new
+            # listener (the node's live connections were cut by the trust service).
+            task = asyncio.ensure_future(self._start_peer_site())
+            self._restarts.add(task)
+            task.add_done_callback(self._restarts.discard)
 
-    async def refresh(self, timeout_s: float = 1.5) -> None:
-        """Probe every backend now, so a status shows the present, not the last probe.
-
-        A backend that does not answer in time keeps its last known status.
-        """
-        probes = asyncio.gather(*(self.registry.probe(e) for e in list(self.registry.entries())))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(probes, timeout_s)
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "node_id": self.node_id,
-            "short_id": self.identity.short_id,
-            "version": __version__,
-            "url": self.url,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "in_flight": self.dispatcher.in_flight,
-            "local_in_flight": self.local_in_flight(),
-            "hardware": _hardware_dict(self.hardware),
-            "backends": [_backend_status(entry) for entry in self.registry.entries()],
-            "models": sorted({info.id for info, _ in self.registry.models()}),
-            "peers": len(self.peers.routable()),
-            "duplicate_id_seen_from": self.trust.duplicate_seen_at,
-        }
-
-    def peer_list(self) -> list[dict[str, Any]]:
-        return [_peer_dict(peer) for peer in self.peers.peers()]
-
-    async def scan(self) -> list[dict[str, Any]]:
-        """Probe the local /24s for Shoal nodes; the ones found join the peer table."""
-        own = set(advertised_addresses(self.settings.bind_host))
-        targets = scan.scan_targets(scan.local_networks(), self.settings.port, exclude=own)
-        found = await scan.scan(
-            targets,
-            lambda url: self.peers.probe(url, "scan", timeout_s=1.5),
-            self.settings.mesh.scan_concurrency,
-        )
-        return [
-            {"url": url, "node_id": node.node_id, "name": node.name, "trust": node.state.value}
-            for url, node in found
-            if node.node_id != self.node_id
-        ]
-
-    # -- lifetime ---------------------------------------------------------------------
+    # -- lifetime -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; every background task ends with the node."""
@@ -179,8 +211,8 @@ class Node:
         try:
             await site.start()
             self.port = runner.addresses[0][1]
-            self.url = f"http://{host}:{self.port}"
-            self.trust.api_port = self.port
+            self.url = self.views.url = f"http://{host}:{self.port}"
+            self.trust.api_port = self.own_state.api_port = self.port
             await self._start_peer_site()
             log.info(
                 "shoal node %r (%s) listening on %s, peers on TLS port %d, cluster mode %s",
@@ -196,6 +228,7 @@ class Node:
                 tasks = [
                     group.create_task(self.registry.run()),
                     group.create_task(self.peers.run()),
+                    group.create_task(self.admission.run()),
                 ]
                 if self.engine is not None:
                     tasks.append(group.create_task(self.engine.run()))
@@ -230,11 +263,6 @@ class Node:
         if self.trust.peer_port == 0:  # learn the port the system chose
             self.trust.peer_port = self._runner.addresses[-1][1]
 
-    def _revoked(self, node_id: str) -> None:
-        self.peers.forget(node_id)
-        self._restarts = [t for t in self._restarts if not t.done()]
-        self._restarts.append(asyncio.ensure_future(self._start_peer_site()))
-
     async def _lan(self) -> None:
         """LAN mode: mDNS, and one subnet scan if mDNS finds nobody soon enough."""
         async with asyncio.TaskGroup() as group:
@@ -245,78 +273,71 @@ class Node:
                     self.port,
                     self.trust.advert(),
                     advertised_addresses(self.settings.bind_host),
-                    on_sighted=lambda peer_id, url: self.peers.sighted(peer_id, url, "mdns"),
-                    on_gone=self.peers.goodbye,
+                    self.admission,
                 )
                 group.create_task(mdns.run())
             try:
-                await asyncio.wait_for(
-                    self.peers.first_peer.wait(), self.settings.mesh.scan_after_s
-                )
+                await asyncio.wait_for(self._first_peer.wait(), self.settings.mesh.scan_after_s)
             except TimeoutError:
                 log.info(
                     "no peer found by mDNS in %.0f s: scanning the local /24",
                     self.settings.mesh.scan_after_s,
                 )
-                found = await self.scan()
+                found = await self.scanner.run()
                 log.info("subnet scan found %d node(s)", len(found))
 
 
-def _hardware_dict(hardware: Hardware) -> dict[str, Any]:
-    return {
-        "cpu": hardware.cpu,
-        "cores": hardware.cores,
-        "ram_bytes": hardware.ram_bytes,
-        "gpu": hardware.gpu,
-        "vram_bytes": hardware.vram_bytes,
-        "score": round(hardware.score, 2),
-    }
+# -- the log ---------------------------------------------------------------------------
 
 
-def _peer_dict(peer: Peer) -> dict[str, Any]:
-    view, state = peer.view, peer.state
-    now = time.monotonic()
-    return {
-        "node_id": view.peer_id,
-        "name": state.name if state else None,
-        "address": view.address,
-        "state": view.state.value,
-        "health": view.health.value,
-        "sources": sorted(view.sources),
-        "last_seen_s_ago": None if view.last_seen is None else round(now - view.last_seen, 1),
-        "heartbeat_interval_s": view.interval_s,
-        "version": state.version if state else None,
-        "uptime_s": state.uptime_s if state else None,
-        "models": [
-            {"id": m.id, "loaded": m.loaded, "operations": list(m.operations)}
-            for m in (state.models if state else ())
-        ],
-        "load": (
-            {
-                "in_flight": state.load.in_flight,
-                "queued": state.load.queued,
-                "capacity": state.load.capacity,
-            }
-            if state
-            else None
-        ),
-        "hardware": _hardware_dict(state.hardware) if state else None,
-    }
+def _log_event(event: Event) -> None:
+    match event:
+        case PeerStateChanged():
+            return
+        case PeerJoined(peer_id=peer_id, name=name, address=address):
+            log.info("peer %s (%s) joined at %s", name, peer_id[:12], address)
+        case PeerRemoved(peer_id=peer_id, name=name, reason=reason):
+            what = {"missed": "removed (missed heartbeats)", "left": "left"}.get(reason, reason)
+            log.info("peer %s (%s): %s", name, peer_id[:12], what)
+        case PeerAddressChanged(peer_id=peer_id, name=name, address=address):
+            log.info("peer %s (%s) moved to %s", name, peer_id[:12], address)
+        case PeerSuspect() | PeerRecovered():
+            kind = "suspect" if isinstance(event, PeerSuspect) else "recovered"
+            log.info("peer %s (%s): %s", event.name, event.peer_id[:12], kind)
+        case PeerEvent():
+            pass
+        case TrustChanged():
+            _log_trust(event)
+        case BackendUp(backend=name, location=location):
+            log.info("backend %s (%s) is healthy", name, location)
+        case BackendDown(backend=name, health=health, reason=reason):
+            log.info("backend %s is %s%s", name, health, f": {reason}" if reason else "")
 
 
-def _backend_status(entry: BackendEntry) -> dict[str, Any]:
-    status = entry.status
-    return {
-        "name": entry.backend.name,
-        "kind": entry.backend.kind,
-        "location": entry.backend.location,
-        "detected": entry.detected,
-        "health": status.health.value,
-        "reason": status.reason,
-        "in_flight": entry.in_flight,
-        "models": [m.as_dict() for m in status.models],
-        "detail": status.detail,
-    }
+def _log_trust(event: TrustChanged) -> None:
+    who = f"{event.name or '?'} ({short_id(event.node_id)})"
+    match event.state:
+        case TrustState.PAIRED:
+            log.info("paired with %s", who)
+        case TrustState.PENDING:
+            log.warning(
+                "pairing request from %s at %s: `shoal pair list` shows its confirmation "
+                "code; if it matches the one shown there, `shoal pair accept %s`",
+                who, event.address, short_id(event.node_id),
+            )  # fmt: skip
+        case TrustState.UNPAIRED:
+            log.info("unpaired %s", who)
+        case None:
+            log.info("forgot %s", who)
+
+
+def _log_request(event: RequestFinished) -> None:
+    first = "-" if event.first_byte_s is None else f"{event.first_byte_s * 1000:.1f} ms"
+    log.debug(
+        "request %d %s %s -> %s %s: %d %s (first byte %s, total %.1f ms)",
+        event.request_id, event.op.value, event.model, event.route or "-", event.target or "-",
+        event.status, event.outcome, first, event.total_s * 1000,
+    )  # fmt: skip
 
 
 def serve(settings: Settings) -> None:

@@ -18,6 +18,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -27,6 +28,12 @@ from pydantic_settings import (
 )
 
 from shoal.errors import ConfigError
+from shoal.mesh.membership import Timing
+from shoal.routing.rank import Strategy
+
+# The liveness timers' defaults and their reasons live with the state machine that uses
+# them (`Timing`); the settings only let the operator change them.
+_LIVENESS = Timing()
 
 DEFAULT_PORT = 11450
 BackendKind = Literal["openai", "ollama"]
@@ -103,6 +110,12 @@ class EngineSettings(_Section):
     # hangs, and it is killed and restarted.
     health_interval_s: float = Field(default=5.0, gt=0)
 
+    @model_validator(mode="after")
+    def _backoff_order(self) -> EngineSettings:
+        if self.restart_backoff_s > self.restart_backoff_max_s:
+            raise ValueError("restart_backoff_s must not exceed restart_backoff_max_s")
+        return self
+
 
 class LimitSettings(_Section):
     # A chat request with a long conversation is tens of kB; 8 MiB leaves room for
@@ -113,9 +126,6 @@ class LimitSettings(_Section):
     # Seconds to wait for the first byte of an answer (a queued request on a busy
     # engine waits here) and between two chunks of a stream.
     read_timeout_s: float = Field(default=300.0, gt=0)
-
-
-Strategy = Literal["local_spillover", "least_loaded", "round_robin"]
 
 
 class RoutingSettings(_Section):
@@ -145,18 +155,29 @@ class MeshSettings(_Section):
     # A heartbeat (a state exchange) that takes longer than this is a miss. Generous: a
     # delayed or lossy link must not look dead (TCP retransmits a lost SYN after 1 s).
     heartbeat_timeout_s: float = Field(default=3.0, gt=0)
-    # Adaptive heartbeat interval: new or unstable peers, established, long stable.
-    new_interval_s: float = Field(default=5.0, gt=0)
-    established_interval_s: float = Field(default=15.0, gt=0)
-    stable_interval_s: float = Field(default=30.0, gt=0)
-    misses_to_remove: int = Field(default=3, ge=1)
-    # After a miss, check again this soon, to confirm a death or clear a blip quickly.
-    suspect_retry_s: float = Field(default=1.0, gt=0)
+    # Adaptive heartbeat interval: new or unstable peers, established, long stable; the
+    # misses that remove a peer; how soon a suspect peer is checked again. Defaults and
+    # reasons: `shoal.mesh.membership.Timing`.
+    new_interval_s: float = Field(default=_LIVENESS.new_interval_s, gt=0)
+    established_interval_s: float = Field(default=_LIVENESS.established_interval_s, gt=0)
+    stable_interval_s: float = Field(default=_LIVENESS.stable_interval_s, gt=0)
+    misses_to_remove: int = Field(default=_LIVENESS.misses_to_remove, ge=1)
+    suspect_retry_s: float = Field(default=_LIVENESS.suspect_retry_s, gt=0)
     # Changes to this node's state (models, load) are pushed at most this often.
     push_min_interval_s: float = Field(default=0.25, ge=0)
 
+    def timing(self) -> Timing:
+        """The liveness timers for `Membership`: the defaults, as configured."""
+        return Timing(
+            new_interval_s=self.new_interval_s,
+            established_interval_s=self.established_interval_s,
+            stable_interval_s=self.stable_interval_s,
+            misses_to_remove=self.misses_to_remove,
+            suspect_retry_s=self.suspect_retry_s,
+        )
 
-ClusterMode = Literal["open", "secret", "pairing"]
+
+ClusterMode = Literal["open", "secret", "pairing"]  # see ClusterSettings.mode
 
 
 class ClusterSettings(_Section):

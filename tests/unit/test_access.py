@@ -1,14 +1,17 @@
 """`shoal.api.access`: the Host allowlist, client API keys, header limits, log redaction.
 
-Every test here runs a real aiohttp server on loopback. Clients "on the network" are
-simulated with the middleware's injectable `is_loopback` predicate: a second loopback
+Every test here runs a real aiohttp server on loopback, with the real route table
+(`shoal.api.app.ROUTES`, every handler replaced by one that answers 200). Clients "on
+the network" are simulated with an injectable `is_loopback` predicate: a second loopback
 address (127.0.0.2) is still loopback, and a real LAN needs namespaces (tests/netns).
+The decision itself is tested as a table in `test_audience.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -25,8 +28,8 @@ from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from multidict import CIMultiDict
 
 from shoal.api import access
+from shoal.mesh import interfaces as interfaces_mod
 from shoal.api.access import (
-    CLIENT_AUTH_EXEMPT,
     HEADER_LIMITS,
     MachineHosts,
     RedactSecrets,
@@ -34,9 +37,11 @@ from shoal.api.access import (
     host_of,
     install_log_redaction,
     is_loopback_address,
+    peer_port_caller,
     redact,
 )
-from shoal.api.errors import errors_middleware
+from shoal.api.app import ROUTES, audience_of, build_app
+from shoal.api.audience import Audience, Caller
 from shoal.errors import Forbidden
 from shoal.settings import Settings
 from shoal.trust.keys import KeyStore
@@ -64,16 +69,8 @@ async def ok(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "path": request.path})
 
 
-ROUTES = [
-    web.get("/v1/models", ok),
-    web.post("/v1/chat/completions", ok),
-    web.get("/healthz", ok),
-    web.get("/shoal/v1/status", ok),
-    web.post("/shoal/v1/peers", ok),
-    web.post("/shoal/v1/mesh/state", ok),
-    web.post("/shoal/v1/trust/hello", ok),
-    web.get("/shoal/v1/trust/pair/{node_id}", ok),
-]
+TEST_ROUTES = tuple(dataclasses.replace(route, handler=ok) for route in ROUTES)
+PEER_PROOF = "X-Test-Peer-Proof"  # stands in for a paired node's TLS certificate
 
 OWN = {"mybox", "mybox.local", "192.168.1.5", "fe80::1%eth0"}
 
@@ -85,12 +82,17 @@ def mode_of(settings: Settings) -> str:
 
 def build(settings: Settings, keys: KeyStore, **options: Any) -> web.Application:
     own: Callable[[], set[str]] = options.pop("own_hosts", lambda: set(OWN))
-    options.setdefault("cluster_mode", lambda: mode_of(settings))
-    app = web.Application(
-        middlewares=[errors_middleware, access_middleware(settings, keys, own, **options)]
+    is_loopback: Callable[[str | None], bool] = options.pop("is_loopback", is_loopback_address)
+    caller_of = options.pop("caller_of", peer_port_caller(lambda transport: None, is_loopback))
+    return build_app(
+        settings,
+        keys=keys,
+        own_hosts=own,
+        caller_of=caller_of,
+        cluster_mode=options.pop("cluster_mode", lambda: mode_of(settings)),
+        served_by="test",
+        routes=TEST_ROUTES,
     )
-    app.add_routes(ROUTES)
-    return app
 
 
 @contextlib.asynccontextmanager
@@ -200,7 +202,7 @@ def test_machine_hosts_has_names_and_addresses_and_follows_changes(
             self.family, self.address = family, address
 
     interfaces = {"eth0": [Address(socket.AF_INET, "10.0.0.5")]}
-    monkeypatch.setattr(access.psutil, "net_if_addrs", lambda: interfaces)
+    monkeypatch.setattr(interfaces_mod.psutil, "net_if_addrs", lambda: interfaces)
     fresh = MachineHosts(settings, ttl_s=0)
     assert "10.0.0.5" in fresh()
     interfaces["eth0"] = [Address(socket.AF_INET6, "fe80::2%eth0")]  # DHCP moved us
@@ -298,7 +300,12 @@ async def test_the_middleware_itself_refuses_missing_or_repeated_host(
     headers = CIMultiDict(("Host", host) for host in hosts)
     request = make_mocked_request("GET", "/v1/models", headers=headers, version=HttpVersion11)
     middleware = access_middleware(
-        lan_settings(tmp_path), keys, lambda: set(), cluster_mode=lambda: "pairing"
+        lan_settings(tmp_path),
+        keys,
+        lambda: set(),
+        audience_of=audience_of(ROUTES),
+        caller_of=lambda request: Caller(loopback=True, peer_port=False, peer=None),
+        cluster_mode=lambda: "pairing",
     )
     with pytest.raises(Forbidden) as caught:
         await middleware(request, ok)
@@ -410,30 +417,44 @@ async def test_the_mode_is_read_per_request(tmp_path: Path, keys: KeyStore) -> N
         assert (await call(client, "GET", "/v1/models"))[0] == 401
 
 
-def test_the_exemptions_are_the_node_protocol_and_health() -> None:
-    assert CLIENT_AUTH_EXEMPT == ("/healthz", "/shoal/v1/mesh/", "/shoal/v1/trust/")
+def test_every_route_declares_an_audience_and_the_node_protocol_is_not_client() -> None:
+    audiences = {(r.method, r.path): r.audience for r in ROUTES}
+    assert len(audiences) == len(ROUTES), "a route declared twice"
+    assert audiences[("GET", "/healthz")] is Audience.PUBLIC
+    assert audiences[("POST", "/shoal/v1/trust/hello")] is Audience.PUBLIC
+    assert audiences[("POST", "/shoal/v1/mesh/state")] is Audience.PEER
+    assert audiences[("POST", "/shoal/v1/peers")] is Audience.LOCAL
+    assert audiences[("POST", "/v1/chat/completions")] is Audience.CLIENT
 
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [
         ("GET", "/healthz", 200),
-        ("POST", "/shoal/v1/mesh/state", 200),
+        ("HEAD", "/healthz", 200),
         ("POST", "/shoal/v1/trust/hello", 200),
-        ("GET", "/shoal/v1/trust/pair/abc", 200),
-        # Everything else needs a key, operator endpoints included.
+        ("POST", "/shoal/v1/trust/confirm", 200),
+        # The peer protocol needs a paired node's certificate: not a key, not the LAN.
+        ("POST", "/shoal/v1/mesh/state", 403),
+        ("POST", "/shoal/v1/mesh/goodbye", 403),
+        # What makes the node contact addresses or changes trust: this machine only.
+        ("POST", "/shoal/v1/peers", 403),
+        ("POST", "/shoal/v1/peers/scan", 403),
+        ("GET", "/shoal/v1/pairs", 403),
+        ("POST", "/shoal/v1/pairs/abcdef123456/accept", 403),
+        # Everything else needs a key, operator views included.
         ("GET", "/shoal/v1/status", 401),
-        ("POST", "/shoal/v1/peers", 401),
+        ("GET", "/shoal/v1/peers", 401),
         ("GET", "/healthz/x", 401),
         ("GET", "/shoal/v1/mesh", 401),
         ("GET", "/nowhere", 401),  # unknown paths too: no probing without a key
-        ("GET", "/shoal/v1/mesh/state", 401),  # a wrong method is not the exempt route
+        ("GET", "/shoal/v1/mesh/state", 401),  # a wrong method is not the peer route
         ("GET", "/shoal/v1/mesh/../status", 401),
         ("GET", "/shoal/v1/mesh/%2e%2e/status", 401),
         ("GET", "/shoal/v1/trust/..%2f..%2fstatus", 401),
     ],
 )
-async def test_only_the_node_protocol_and_health_are_exempt(
+async def test_what_a_lan_caller_without_a_key_gets_on_every_route(
     tmp_path: Path, keys: KeyStore, method: str, path: str, status: int
 ) -> None:
     async with serve(lan_settings(tmp_path), keys, is_loopback=on_the_lan) as client:
@@ -441,18 +462,34 @@ async def test_only_the_node_protocol_and_health_are_exempt(
     assert got == status
 
 
+def test_the_test_table_covers_every_route() -> None:
+    covered = {
+        "/healthz", "/shoal/v1/trust/hello", "/shoal/v1/trust/confirm", "/shoal/v1/mesh/state",
+        "/shoal/v1/mesh/goodbye", "/shoal/v1/peers", "/shoal/v1/peers/scan", "/shoal/v1/pairs",
+        "/shoal/v1/pairs/{node}/{action}", "/shoal/v1/status", "/v1/models",
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+    }  # fmt: skip
+    assert {r.path for r in ROUTES} == covered
+
+
+def proven_peer(request: web.Request) -> Caller:
+    """A caller that proves a paired node when the test says so, as mTLS would."""
+    proof = request.headers.get(PEER_PROOF)
+    return Caller(loopback=False, peer_port=proof is not None, peer=proof or None)
+
+
 async def test_a_proven_peer_needs_no_client_key_but_a_hop_header_proves_nothing(
     tmp_path: Path, keys: KeyStore
 ) -> None:
-    def proven(request: web.Request) -> bool:
-        return request.headers.get("X-Test-Peer-Proof") == "valid"
-
-    async with serve(
-        lan_settings(tmp_path), keys, is_loopback=on_the_lan, peer_request=proven
-    ) as client:
+    async with serve(lan_settings(tmp_path), keys, caller_of=proven_peer) as client:
         assert (await call(client, "POST", "/v1/chat/completions", {"X-Shoal-Hop": "1"}))[0] == 401
-        proof = {"X-Test-Peer-Proof": "valid"}
+        proof = {PEER_PROOF: "a" * 64}
         assert (await call(client, "POST", "/v1/chat/completions", proof))[0] == 200
+        assert (await call(client, "POST", "/shoal/v1/mesh/state", proof))[0] == 200
+        # A node is not the operator, even one on this machine.
+        assert (await call(client, "POST", "/shoal/v1/peers", proof))[0] == 403
+        # On the peer port, a certificate that proves no paired node gets nothing.
+        assert (await call(client, "GET", "/healthz", {PEER_PROOF: ""}))[0] == 403
 
 
 async def test_a_corrupt_key_file_refuses_keys_and_says_why_in_the_log_once(

@@ -21,7 +21,9 @@ from shoal.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
+from shoal.events import EventBus, RequestFinished, RequestFirstByte, RequestRouted
 from shoal.routing.dispatch import Dispatcher
+from shoal.routing.ledger import LoadLedger
 from shoal.routing.rank import HopPolicy
 from shoal.routing.router import Router
 from shoal.settings import RoutingSettings
@@ -36,9 +38,20 @@ class InOrder(random.Random):
         return None
 
 
-def dispatcher_over(registry: BackendRegistry, deadline_s: float = 60.0) -> Dispatcher:
-    router = Router("self", "me", registry, None, RoutingSettings(), rng=InOrder())
-    return Dispatcher(router, deadline_s=deadline_s)
+BUS = EventBus()  # the registry's own bus; the dispatcher gets one per test
+
+
+def dispatcher_over(
+    registry: BackendRegistry, deadline_s: float = 60.0, bus: EventBus | None = None
+) -> Dispatcher:
+    bus = bus or EventBus()
+    ledger = LoadLedger(bus)
+    router = Router("self", "me", registry, None, ledger, RoutingSettings(), rng=InOrder())
+    return Dispatcher(router, ledger, bus, deadline_s=deadline_s)
+
+
+def ledger_of(dispatcher: Dispatcher) -> LoadLedger:
+    return dispatcher._ledger
 
 
 CHAT = Operation.CHAT
@@ -76,7 +89,7 @@ class FakeBackend:
         self.location = f"http://{name}:8080"
         self.outcome = outcome if outcome is not None else FakeUpstream()
         self.sent: list[tuple[Operation, bytes]] = []
-        self.entry: BackendEntry | None = None
+        self.ledger: LoadLedger | None = None
         self.in_flight_during_send: int | None = None
 
     async def probe(self) -> BackendStatus:
@@ -84,8 +97,8 @@ class FakeBackend:
 
     async def send(self, op: Operation, body: bytes) -> Any:
         self.sent.append((op, body))
-        if self.entry is not None:
-            self.in_flight_during_send = self.entry.in_flight
+        if self.ledger is not None:
+            self.in_flight_during_send = self.ledger.backend(self.name)
         if isinstance(self.outcome, BaseException):
             raise self.outcome
         return self.outcome
@@ -104,21 +117,30 @@ def make(
     deadline_s: float = 60.0,
 ) -> tuple[Dispatcher, BackendRegistry, list[FakeBackend], list[BackendEntry]]:
     """A dispatcher over healthy backends a, b, c... in candidate order."""
-    registry = BackendRegistry(interval_s=30)
+    registry = BackendRegistry(BUS, interval_s=30)
     backends, entries = [], []
     for i, outcome in enumerate(outcomes):
         backend = FakeBackend("abcdefgh"[i], outcome)
         entry = registry.add(backend)
         registry.record(entry, BackendStatus(Health.HEALTHY, models=models), now=0)
-        backend.entry = entry
         backends.append(backend)
         entries.append(entry)
-    return dispatcher_over(registry, deadline_s), registry, backends, entries
+    dispatcher = dispatcher_over(registry, deadline_s)
+    for backend in backends:
+        backend.ledger = ledger_of(dispatcher)
+    return dispatcher, registry, backends, entries
+
+
+def in_flight(dispatcher: Dispatcher, entry: BackendEntry) -> int:
+    return ledger_of(dispatcher).backend(entry.backend.name)
 
 
 def assert_idle(dispatcher: Dispatcher, entries: list[BackendEntry]) -> None:
-    assert dispatcher.in_flight == 0
-    assert [e.in_flight for e in entries] == [0] * len(entries)
+    ledger = ledger_of(dispatcher)
+    assert ledger.requests == 0
+    assert ledger.local_in_flight == 0
+    assert [in_flight(dispatcher, e) for e in entries] == [0] * len(entries)
+    assert ledger.model("m") == 0
 
 
 # -- the first candidate answers ---------------------------------------------------------
@@ -131,8 +153,8 @@ async def test_success_from_the_first_candidate() -> None:
         assert opened.upstream is upstream
         assert opened.target.name == "a"
         assert opened.retried is False
-        assert dispatcher.in_flight == 1
-        assert entries[0].in_flight == 1
+        assert ledger_of(dispatcher).requests == 1
+        assert in_flight(dispatcher, entries[0]) == 1
         assert upstream.closed == 0
     assert upstream.closed == 1
     assert backends[0].sent == [(CHAT, BODY)]
@@ -142,12 +164,13 @@ async def test_success_from_the_first_candidate() -> None:
 
 async def test_the_least_busy_candidate_is_tried_first() -> None:
     dispatcher, _, backends, entries = make(None, None)
-    entries[0].in_flight = 2
+    busy = [ledger_of(dispatcher).hold("local", "a", "m") for _ in range(2)]
     async with dispatcher.open(CHAT, "m", BODY, ANYWHERE) as opened:
         assert opened.target.name == "b"
         assert opened.retried is False
     assert backends[0].sent == []
-    entries[0].in_flight = 0
+    for slot in busy:
+        slot.release()
     assert_idle(dispatcher, entries)
 
 
@@ -183,8 +206,8 @@ async def test_falls_through_to_the_next_candidate(failure: Any) -> None:
         assert opened.upstream is good
         assert opened.target.name == "b"
         assert opened.retried is True
-        assert entries[0].in_flight == 0
-        assert entries[1].in_flight == 1
+        assert in_flight(dispatcher, entries[0]) == 0
+        assert in_flight(dispatcher, entries[1]) == 1
     assert backends[1].sent == [(CHAT, BODY)]
     if isinstance(first, FakeUpstream):
         assert first.closed == 1
@@ -358,7 +381,7 @@ async def test_model_on_a_down_backend_beside_a_healthy_one_without_it_is_503() 
 
 
 async def test_down_holder_of_the_operation_is_503_even_if_another_holder_is_up() -> None:
-    registry = BackendRegistry(interval_s=30)
+    registry = BackendRegistry(BUS, interval_s=30)
     chat_backend = registry.add(FakeBackend("chat"))
     registry.record(chat_backend, BackendStatus(Health.HEALTHY, models=(ModelInfo("m"),)))
     embed_backend = registry.add(FakeBackend("embed"))
@@ -409,8 +432,8 @@ async def test_concurrent_opens_count_and_release() -> None:
         dispatcher.open(CHAT, "m", BODY, ANYWHERE),
         dispatcher.open(CHAT, "m", BODY, ANYWHERE),
     ):
-        assert dispatcher.in_flight == 2
-        assert entries[0].in_flight == 2
+        assert ledger_of(dispatcher).requests == 2
+        assert in_flight(dispatcher, entries[0]) == 2
     assert_idle(dispatcher, entries)
 
 
@@ -427,7 +450,7 @@ class HangingBackend(FakeBackend):
 
 
 async def test_cancelled_while_sending_releases_the_backend() -> None:
-    registry = BackendRegistry(interval_s=30)
+    registry = BackendRegistry(BUS, interval_s=30)
     backend = HangingBackend("a")
     entry = registry.add(backend)
     registry.record(entry, BackendStatus(Health.HEALTHY, models=(ModelInfo("m"),)))
@@ -442,5 +465,92 @@ async def test_cancelled_while_sending_releases_the_backend() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert dispatcher.in_flight == 0
-    assert entry.in_flight == 0
+    assert_idle(dispatcher, [entry])
+
+
+# -- the story of a request, as events ---------------------------------------------------
+
+
+def recorder(bus: EventBus) -> list[object]:
+    seen: list[object] = []
+    for kind in (RequestRouted, RequestFirstByte, RequestFinished):
+        bus.subscribe(kind, seen.append)
+    return seen
+
+
+async def test_a_served_request_is_routed_then_finished_ok() -> None:
+    _, registry, _, _ = make(FakeUpstream(500), FakeUpstream(200))
+    bus = EventBus()
+    seen = recorder(bus)
+    dispatcher = dispatcher_over(registry, bus=bus)
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE) as opened:
+        opened.first_byte()
+        opened.first_byte()  # once only
+    routed, first, finished = seen
+    assert isinstance(routed, RequestRouted)
+    assert (routed.target, routed.route, routed.attempt, routed.model) == ("b", "retried", 1, "m")
+    assert isinstance(first, RequestFirstByte)
+    assert first.request_id == routed.request_id
+    assert isinstance(finished, RequestFinished)
+    assert (finished.outcome, finished.status, finished.route, finished.target) == (
+        "ok",
+        200,
+        "retried",
+        "b",
+    )
+    assert finished.first_byte_s == first.elapsed_s
+    assert finished.total_s >= first.elapsed_s
+
+
+@pytest.mark.parametrize(
+    ("answer", "broke", "outcome", "status"),
+    [(FakeUpstream(404), False, "error", 404), (FakeUpstream(200), True, "broken", 200)],
+)
+async def test_a_4xx_or_a_broken_stream_is_told_apart(
+    answer: FakeUpstream, broke: bool, outcome: str, status: int
+) -> None:
+    _, registry, _, _ = make(answer)
+    bus = EventBus()
+    seen = recorder(bus)
+    async with dispatcher_over(registry, bus=bus).open(CHAT, "m", BODY, ANYWHERE) as opened:
+        if broke:
+            opened.broke()
+    finished = seen[-1]
+    assert isinstance(finished, RequestFinished)
+    assert (finished.outcome, finished.status) == (outcome, status)
+
+
+async def test_a_request_no_target_answers_finishes_failed_with_its_status() -> None:
+    _, registry, _, _ = make(UpstreamTimeout("slow"))
+    bus = EventBus()
+    seen = recorder(bus)
+    with pytest.raises(UpstreamTimeout):
+        async with dispatcher_over(registry, bus=bus).open(CHAT, "m", BODY, ANYWHERE):
+            pass
+    assert len(seen) == 1
+    finished = seen[0]
+    assert isinstance(finished, RequestFinished)
+    assert (finished.outcome, finished.status, finished.route) == ("failed", 504, None)
+
+
+async def test_a_cancelled_request_finishes_cancelled() -> None:
+    _, registry, _, _ = make(FakeUpstream(200))
+    bus = EventBus()
+    seen = recorder(bus)
+    dispatcher = dispatcher_over(registry, bus=bus)
+    inside = asyncio.Event()
+
+    async def request() -> None:
+        async with dispatcher.open(CHAT, "m", BODY, ANYWHERE):
+            inside.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(request())
+    await asyncio.wait_for(inside.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    finished = seen[-1]
+    assert isinstance(finished, RequestFinished)
+    assert (finished.outcome, finished.status) == ("cancelled", 499)
+    assert ledger_of(dispatcher).requests == 0

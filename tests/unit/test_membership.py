@@ -19,6 +19,7 @@ from shoal.mesh.membership import (
     Membership,
     PeerState,
     PeerView,
+    Source,
     Timing,
     health_of,
 )
@@ -318,17 +319,40 @@ def test_sources_accumulate_and_an_address_change_is_reported_and_checked_at_onc
     assert view(m, "a").sources == frozenset({"mdns", "static"})
     assert view(m, "a").next_due == 5.0  # same address, alive: nothing to hurry
 
-    assert m.sighted("a", B, 2.0, "mdns") == [Event("address_changed", "a")]
+    assert m.sighted("a", B, 2.0, "static") == [Event("address_changed", "a")]
     v = view(m, "a")
     assert (v.address, v.next_due, v.state) == (B, 2.0, PeerState.ALIVE)
     assert m.sighted("a", B, 2.5, "mdns") == []
+
+
+@pytest.mark.parametrize("source", ["mdns", "scan"])
+def test_a_hint_cannot_move_a_live_peer(source: Source) -> None:
+    m = alive(Membership("me"), "a", 0.0, source="static")
+    assert m.sighted("a", B, 1.0, source) == []
+    v = view(m, "a")
+    assert (v.address, v.state, v.sources) == (A, PeerState.ALIVE, frozenset({"static"}))
+
+
+@pytest.mark.parametrize("source", ["static", "join", "peer"])
+def test_an_address_the_operator_gave_or_the_peer_used_moves_a_live_peer(
+    source: Source,
+) -> None:
+    m = alive(Membership("me"), "a", 0.0, source="mdns")
+    assert m.sighted("a", B, 1.0, source) == [Event("address_changed", "a")]
+    assert view(m, "a").address == B
+
+
+def test_a_hint_moves_a_peer_that_is_not_alive() -> None:
+    m = alive(Membership("me"), "a", 0.0, source="mdns")
+    m.heartbeat_failed("a", 5.0)  # suspect now
+    assert m.sighted("a", B, 6.0, "mdns") == [Event("address_changed", "a")]
 
 
 def test_an_address_change_releases_a_probe_in_flight_to_the_old_address() -> None:
     m = alive(Membership("me"), "a", 0.0)
     assert m.due(5.0) == ["a"]
     assert m.due(5.0) == []
-    m.sighted("a", B, 5.1, "mdns")
+    m.sighted("a", B, 5.1, "static")
     assert m.due(5.1) == ["a"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import pytest
@@ -16,6 +15,16 @@ from shoal.backends.base import (
     Operation,
 )
 from shoal.backends.registry import BackendRegistry, next_probe_delay
+from shoal.events import (
+    BackendDown,
+    BackendModelsChanged,
+    BackendReported,
+    BackendUp,
+    Event,
+    EventBus,
+    ModelLoaded,
+    ModelUnloaded,
+)
 
 INTERVAL = 30.0
 CHAT = Operation.CHAT
@@ -60,8 +69,13 @@ def model(
 
 
 @pytest.fixture
-def registry() -> BackendRegistry:
-    return BackendRegistry(interval_s=INTERVAL)
+def bus() -> EventBus:
+    return EventBus()
+
+
+@pytest.fixture
+def registry(bus: EventBus) -> BackendRegistry:
+    return BackendRegistry(bus, interval_s=INTERVAL)
 
 
 # -- next_probe_delay ----------------------------------------------------------------------
@@ -152,28 +166,6 @@ def test_only_backends_with_the_model_for_the_operation(registry: BackendRegistr
     assert registry.candidates("nope", CHAT) == []
 
 
-def test_loaded_before_not_loaded_even_when_busier(registry: BackendRegistry) -> None:
-    cold = registry.add(FakeBackend("cold"))
-    registry.record(cold, healthy(model(loaded=False)))
-    warm = registry.add(FakeBackend("warm"))
-    registry.record(warm, healthy(model(loaded=True)))
-    warm.in_flight = 10
-    assert registry.candidates("m", CHAT) == [warm, cold]
-
-
-def test_fewer_in_flight_first(registry: BackendRegistry) -> None:
-    entries = []
-    for name, busy in [("a", 3), ("b", 0), ("c", 1)]:
-        entry = registry.add(FakeBackend(name))
-        registry.record(entry, healthy(model()))
-        entry.in_flight = busy
-        entries.append(entry)
-    a, b, c = entries
-    assert registry.candidates("m", CHAT) == [b, c, a]
-    b.in_flight = 5
-    assert registry.candidates("m", CHAT) == [c, a, b]
-
-
 def test_ties_keep_the_order_backends_were_added(registry: BackendRegistry) -> None:
     entries = [registry.add(FakeBackend(name)) for name in "xyz"]
     for entry in entries:
@@ -258,18 +250,40 @@ def test_record_uses_the_monotonic_clock_by_default(
     assert entry.next_probe == 1001.0
 
 
-def test_record_logs_health_changes_only(
-    registry: BackendRegistry, caplog: pytest.LogCaptureFixture
+def test_record_publishes_changes_only(registry: BackendRegistry, bus: EventBus) -> None:
+    seen: list[Event] = []
+    bus.subscribe(Event, seen.append)
+    entry = registry.add(FakeBackend("a"))
+    registry.record(entry, healthy(model("m"), model("n", loaded=False)), now=0)
+    registry.record(entry, healthy(model("m"), model("n", loaded=False)), now=1)  # no change
+    registry.record(entry, healthy(model("m", loaded=False), model("n")), now=2)
+    registry.record(
+        entry, healthy(model("m", loaded=False), model("n"), model("o", loaded=False)), now=3
+    )
+    registry.record(entry, down("refused"), now=4)
+    registry.record(entry, down("refused again"), now=5)  # still down: nothing new
+    assert seen == [
+        BackendUp("a", "fake", "http://a:8080", (model("m"), model("n", loaded=False))),
+        ModelLoaded("a", "m"),
+        BackendModelsChanged("a", (model("m", loaded=False), model("n"))),
+        ModelLoaded("a", "n"),
+        ModelUnloaded("a", "m"),
+        BackendModelsChanged("a", (model("m", loaded=False), model("n"), model("o", loaded=False))),
+        BackendDown("a", Health.DOWN, "refused"),
+        ModelUnloaded("a", "n"),
+    ]
+
+
+def test_a_backend_that_reports_itself_is_recorded_at_once(
+    registry: BackendRegistry, bus: EventBus
 ) -> None:
     entry = registry.add(FakeBackend("a"))
-    with caplog.at_level(logging.INFO, logger="shoal.backends.registry"):
-        registry.record(entry, healthy(model()), now=0)
-        registry.record(entry, healthy(model()), now=1)
-        registry.record(entry, down("refused"), now=2)
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2
-    assert "healthy" in messages[0]
-    assert "down: refused" in messages[1]
+    bus.publish(BackendReported("a", healthy(model("m"))))
+    assert entry.healthy
+    assert registry.candidates("m", CHAT) == [entry]
+    bus.publish(BackendReported("a", BackendStatus(Health.STARTING, reason="restarting")))
+    assert registry.candidates("m", CHAT) == []
+    bus.publish(BackendReported("unknown", healthy(model("m"))))  # ignored
 
 
 def test_mark_down(registry: BackendRegistry) -> None:

@@ -1,6 +1,6 @@
 """Who may use this node's HTTP API (DESIGN §5), checked before any handler runs.
 
-In order, for every request:
+In order, for every request, in one middleware:
 
 1. `Host` allowlist (DNS-rebinding defence): the name the client used must be
    `localhost`, a loopback address, one of this machine's own names or addresses, or in
@@ -8,9 +8,10 @@ In order, for every request:
    sends its domain as `Host`, and is refused (403 `host_not_allowed`). A browser's
    `Origin`, when sent, must pass the same test (403 `origin_not_allowed`): otherwise any
    web page could make a visitor's browser POST to the keyless loopback API.
-2. Client authentication: loopback clients need no key; on the network, a client needs
-   `Authorization: Bearer <key>` (`shoal keys create`) unless the cluster is open
-   (401 `invalid_api_key`). Node-to-node paths are exempt: node keys authenticate them.
+2. Authorization: the route's declared audience and the caller go to
+   `shoal.api.audience.decide`, the one access decision. When it asks for a key, the
+   client must send `Authorization: Bearer <key>` (`shoal keys create`; 401
+   `invalid_api_key`). Unknown paths need what the client API needs.
 
 Also here: the HTTP header limits for the server (`HEADER_LIMITS`), and a logging
 filter that keeps keys and bearer tokens out of the log (`install_log_redaction`).
@@ -19,6 +20,7 @@ Errors are raised as `shoal.errors` exceptions; `shoal.api.errors` formats them.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
@@ -29,14 +31,15 @@ from collections.abc import Callable, Iterable
 from typing import TypedDict
 from urllib.parse import urlsplit
 
-import psutil
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
+from shoal.api.audience import Audience, Caller, Verdict, decide
 from shoal.api.errors import Handler
 from shoal.errors import Forbidden, ShoalError, Unauthorized
-from shoal.settings import Settings
+from shoal.mesh import interfaces
+from shoal.settings import ClusterMode, Settings
 from shoal.trust.keys import KeyStore
 
 log = logging.getLogger(__name__)
@@ -62,12 +65,8 @@ HEADER_LIMITS: HeaderLimits = {
     "max_headers": 64,
 }
 
-#: Paths exempt from *client* authentication (never from the Host check): the health
-#: probe, and the node-to-node protocol, which node keys authenticate (handshakes under
-#: /shoal/v1/trust/, state exchange and goodbye under /shoal/v1/mesh/). An entry ending
-#: in "/" covers the routes registered under it. Matched against the route that aiohttp
-#: resolved, not the raw path, so no spelling of a URL reaches another route exempt.
-CLIENT_AUTH_EXEMPT: tuple[str, ...] = ("/healthz", "/shoal/v1/mesh/", "/shoal/v1/trust/")
+#: What a request learnt about its caller, for handlers (the peer state exchange).
+CALLER: web.RequestKey[Caller] = web.RequestKey("caller", Caller)
 
 LOOPBACK_NAMES = frozenset({"localhost"})
 _NAME = re.compile(r"[a-z0-9_~-]+(\.[a-z0-9_~-]+)*")
@@ -162,30 +161,11 @@ class MachineHosts:
         hostname = socket.gethostname()
         for name in (hostname, hostname.split(".")[0]):
             names |= {name, f"{name}.local"}
-        try:
-            interfaces = psutil.net_if_addrs()
-        except OSError:  # pragma: no cover - psutil fails only on exotic systems
-            interfaces = {}
-        for addresses in interfaces.values():
-            for address in addresses:
-                if address.family in (socket.AF_INET, socket.AF_INET6):
-                    names.add(address.address)
+        names |= {address.compressed for address in interfaces.local_addresses()}
         return {host for name in names if name and (host := normalise_host(name))}
 
 
 # -- the middleware ---------------------------------------------------------------------
-
-
-def is_exempt(request: web.Request) -> bool:
-    """Whether the route this request resolved to is exempt from client authentication."""
-    resource = request.match_info.route.resource
-    if resource is None:  # no route matched: 404/405, which need a key like any other
-        return False
-    path = resource.canonical
-    return any(
-        path.startswith(entry) if entry.endswith("/") else path == entry
-        for entry in CLIENT_AUTH_EXEMPT
-    )
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -199,26 +179,41 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip() or None
 
 
+def peer_port_caller(
+    peer_of_connection: Callable[[asyncio.Transport], str | None],
+    is_loopback: Callable[[str | None], bool] = is_loopback_address,
+) -> Callable[[web.Request], Caller]:
+    """Describe a request's caller: its address, and on the mutual-TLS peer port, the
+    paired node its certificate proves (`peer_of_connection`, the trust service's)."""
+
+    def caller_of(request: web.Request) -> Caller:
+        transport = request.transport
+        tls = isinstance(transport, asyncio.Transport) and bool(
+            transport.get_extra_info("ssl_object")
+        )
+        peer = peer_of_connection(transport) if tls else None  # type: ignore[arg-type]
+        return Caller(loopback=is_loopback(request.remote), peer_port=tls, peer=peer)
+
+    return caller_of
+
+
 def access_middleware(
     settings: Settings,
     keys: KeyStore,
     own_hosts: Callable[[], set[str]],
     *,
-    cluster_mode: Callable[[], str],
-    is_loopback: Callable[[str | None], bool] = is_loopback_address,
-    peer_request: Callable[[web.Request], bool] | None = None,
+    audience_of: Callable[[web.Request], Audience],
+    caller_of: Callable[[web.Request], Caller],
+    cluster_mode: Callable[[], ClusterMode],
 ) -> Middleware:
-    """The aiohttp middleware enforcing the Host allowlist, then client authentication.
+    """The aiohttp middleware enforcing the Host allowlist, then `decide()`'s verdict.
 
-    Put it after `errors_middleware` (which formats what it raises). `cluster_mode`
-    reads the mode per request (the trust service's: it follows `shoal token create`
-    without a restart); `peer_request` says
-    whether a request was proven to come from a trusted node (by its node key) and so
-    needs no client key; `is_loopback` decides from the remote address (injectable for
-    tests).
+    Put it after `errors_middleware` (which formats what it raises). `audience_of` gives
+    the audience the matched route declares; `caller_of` describes the caller
+    (`peer_port_caller`); `cluster_mode` is read per request (the trust service's mode,
+    which follows `shoal token create` without a restart).
     """
     configured = {h for entry in settings.cluster.allowed_hosts if (h := host_of(entry))}
-    mode = cluster_mode
     refused_hosts: set[str] = set()
     broken_store: list[str] = []  # the last key-file error logged, to log each once
 
@@ -291,16 +286,23 @@ def access_middleware(
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
         check_host(request)
-        if not (
-            is_exempt(request)
-            or is_loopback(request.remote)
-            or mode() == "open"
-            or (peer_request is not None and peer_request(request))
-        ):
+        caller = caller_of(request)
+        verdict = decide(audience_of(request), caller, cluster_mode())
+        if verdict is Verdict.NEED_KEY:
             check_key(request)
+        elif verdict is not Verdict.ALLOW:
+            raise Forbidden(_REFUSALS[verdict])
+        request[CALLER] = caller
         return await handler(request)
 
     return access
+
+
+_REFUSALS = {
+    Verdict.NOT_PAIRED: "this node does not trust your key",
+    Verdict.LOCAL_ONLY: "this operation is only allowed from the node's own machine",
+    Verdict.PEER_ONLY: "node-to-node calls need the peer port and a paired node's key",
+}
 
 
 # -- keeping secrets out of the log -----------------------------------------------------

@@ -1,60 +1,103 @@
-"""The route table and the aiohttp application around it."""
+"""The route table, each route with its audience, and the aiohttp application around it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from aiohttp import web
 
+from shoal import protocol as p
 from shoal.api import mesh, openai, operator
-from shoal.api.access import MachineHosts, access_middleware
-from shoal.api.errors import errors_middleware
-from shoal.api.state import NODE
+from shoal.api.access import access_middleware
+from shoal.api.audience import Audience, Caller
+from shoal.api.errors import Handler, errors_middleware
+from shoal.settings import ClusterMode, Settings
 from shoal.trust.keys import KeyStore
 
-if TYPE_CHECKING:
-    from shoal.node import Node
-
-ROUTES = [
-    web.get("/v1/models", openai.list_models),
-    web.post("/v1/chat/completions", openai.chat_completions),
-    web.post("/v1/completions", openai.completions),
-    web.post("/v1/embeddings", openai.embeddings),
-    web.get("/healthz", operator.healthz),
-    web.get("/shoal/v1/status", operator.status),
-    web.get("/shoal/v1/peers", mesh.list_peers),
-    web.post("/shoal/v1/peers", mesh.join),
-    web.post("/shoal/v1/peers/scan", mesh.scan),
-    web.post("/shoal/v1/mesh/state", mesh.exchange_state),
-    web.post("/shoal/v1/mesh/goodbye", mesh.goodbye),
-    web.post("/shoal/v1/trust/hello", mesh.trust_hello),
-    web.post("/shoal/v1/trust/confirm", mesh.trust_confirm),
-    web.get("/shoal/v1/pairs", mesh.list_pairs),
-    web.post("/shoal/v1/pairs/{node}/{action}", mesh.pair_action),
-]
+Method = Literal["GET", "POST"]
 
 
-def build_app(node: Node) -> web.Application:
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: Method
+    path: str
+    handler: Handler
+    audience: Audience
+
+
+PUBLIC, CLIENT, LOCAL, PEER = Audience.PUBLIC, Audience.CLIENT, Audience.LOCAL, Audience.PEER
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", p.MODELS_PATH, openai.list_models, CLIENT),
+    Route("POST", p.CHAT_PATH, openai.chat_completions, CLIENT),
+    Route("POST", p.COMPLETIONS_PATH, openai.completions, CLIENT),
+    Route("POST", p.EMBEDDINGS_PATH, openai.embeddings, CLIENT),
+    Route("GET", p.HEALTHZ_PATH, operator.healthz, PUBLIC),
+    Route("GET", p.STATUS_PATH, operator.status, CLIENT),
+    Route("GET", p.PEERS_PATH, operator.list_peers, CLIENT),
+    Route("POST", p.PEERS_PATH, operator.join, LOCAL),  # makes the node contact an address
+    Route("POST", p.SCAN_PATH, operator.scan, LOCAL),
+    Route("GET", p.PAIRS_PATH, operator.list_pairs, LOCAL),
+    Route("POST", p.PAIR_ACTION_PATH, operator.pair_action, LOCAL),
+    Route("POST", p.HELLO_PATH, mesh.trust_hello, PUBLIC),  # authenticates by itself
+    Route("POST", p.CONFIRM_PATH, mesh.trust_confirm, PUBLIC),
+    Route("POST", p.STATE_PATH, mesh.exchange_state, PEER),
+    Route("POST", p.GOODBYE_PATH, mesh.goodbye, PEER),
+)
+
+
+def audience_of(routes: tuple[Route, ...]) -> Callable[[web.Request], Audience]:
+    """The audience of the route a request resolved to. Matched on the route aiohttp
+    resolved, not the raw path, so no spelling of a URL reaches another route's
+    audience; an unknown path or method needs what the client API needs."""
+    table: dict[tuple[str, str], Audience] = {(r.path, r.method): r.audience for r in routes}
+
+    def lookup(request: web.Request) -> Audience:
+        route = request.match_info.route
+        resource = route.resource
+        if resource is None:
+            return CLIENT
+        method = "GET" if route.method == "HEAD" else route.method
+        return table.get((resource.canonical, method), CLIENT)
+
+    return lookup
+
+
+def build_app(
+    settings: Settings,
+    *,
+    keys: KeyStore,
+    own_hosts: Callable[[], set[str]],
+    caller_of: Callable[[web.Request], Caller],
+    cluster_mode: Callable[[], ClusterMode],
+    served_by: str,
+    routes: tuple[Route, ...] = ROUTES,
+) -> web.Application:
+    """The application; the caller adds the services under `shoal.api.services` keys."""
     app = web.Application(
         middlewares=[
             errors_middleware,
-            mesh.peer_identity,
             access_middleware(
-                node.settings,
-                KeyStore.in_data_dir(node.settings.data_dir),
-                MachineHosts(node.settings, extra=[f"shoal-{node.node_id[:12]}.local"]),
-                cluster_mode=lambda: node.trust.mode,
-                peer_request=lambda request: request.get(mesh.PEER) is not None,
+                settings,
+                keys,
+                own_hosts,
+                audience_of=audience_of(routes),
+                caller_of=caller_of,
+                cluster_mode=cluster_mode,
             ),
         ],
-        client_max_size=node.settings.limits.max_body_bytes,
+        client_max_size=settings.limits.max_body_bytes,
     )
-    app[NODE] = node
-    app.add_routes(ROUTES)
-    served_by = node.name
+    for route in routes:
+        if route.method == "GET":
+            app.router.add_get(route.path, route.handler)  # HEAD too, as aiohttp does
+        else:
+            app.router.add_route(route.method, route.path, route.handler)
 
     async def stamp(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers.setdefault("X-Shoal-Served-By", served_by)
+        response.headers.setdefault(p.SERVED_BY_HEADER, served_by)
 
     app.on_response_prepare.append(stamp)
     return app

@@ -12,6 +12,7 @@ from shoal.backends.http import PROBE_ERRORS, HttpTransport
 from shoal.backends.ollama import OllamaBackend
 from shoal.backends.openai_compat import OpenAICompatBackend
 from shoal.backends.registry import BackendRegistry
+from shoal.protocol import STATUS_PATH
 from shoal.settings import BackendKind, BackendSettings, DetectSettings, LimitSettings
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class Detector:
         transport = HttpTransport(url, connect_timeout_s=1.0, read_timeout_s=2.0)
         try:
             with contextlib.suppress(*PROBE_ERRORS):
-                status = await transport.get_json("/shoal/v1/status")
+                status = await transport.get_json(STATUS_PATH)
                 return isinstance(status, dict) and "node_id" in status
             return False
         finally:

@@ -7,6 +7,7 @@ from typing import Any
 
 from shoal.backends.base import BackendStatus, Health, ModelInfo, Operation
 from shoal.backends.http import PROBE_ERRORS, HttpTransport, HttpUpstream
+from shoal.protocol import MODELS_PATH
 
 _QUANT = re.compile(r"(?i)\b(I?Q\d(?:_[A-Z0-9]+)*|F16|BF16|F32|\d+bit)\b")
 ALL_OPERATIONS = frozenset(Operation)
@@ -55,7 +56,7 @@ class OpenAICompatBackend:
         return BackendStatus(Health.HEALTHY, models=models)
 
     async def list_models(self) -> tuple[ModelInfo, ...]:
-        return parse_openai_models(await self._transport.get_json("/v1/models"))
+        return parse_openai_models(await self._transport.get_json(MODELS_PATH))
 
     async def send(self, op: Operation, body: bytes) -> HttpUpstream:
         return await self._transport.send(op, body)

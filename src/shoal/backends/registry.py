@@ -3,23 +3,33 @@
 Theory of operation: every backend is probed at start and then every `interval_s`
 seconds. A backend that fails a probe, or a request's connection, is DOWN at once: its
 models leave the model index, and it is re-probed with a backoff (1 s, 2 s, 4 s, ... up
-to the interval) until it answers again. Local servers on the standard ports are
-looked for at start and on every interval; explicitly configured backends win over a
-detected one at the same address.
+to the interval) until it answers again. A backend that watches itself (the engine
+supervisor) reports its status at once with a `BackendReported` event. Every change is
+published: `BackendUp`, `BackendDown`, `BackendModelsChanged`, and `ModelLoaded` /
+`ModelUnloaded` per model. Local servers on the standard ports are looked for at start
+and on every interval; explicitly configured backends win over a detected one at the
+same address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from shoal.backends.base import Backend, BackendStatus, Health, ModelInfo, Operation
-
-log = logging.getLogger(__name__)
+from shoal.backoff import Backoff
+from shoal.events import (
+    BackendDown,
+    BackendModelsChanged,
+    BackendReported,
+    BackendUp,
+    EventBus,
+    ModelLoaded,
+    ModelUnloaded,
+)
 
 FIRST_RETRY_S = 1.0
 
@@ -28,8 +38,7 @@ def next_probe_delay(failures: int, interval_s: float) -> float:
     """Seconds until the next probe: the interval when healthy, exponential when down."""
     if failures <= 0:
         return interval_s
-    # The exponent is capped: a backend down for days must not overflow a float.
-    return min(interval_s, FIRST_RETRY_S * 2.0 ** min(failures - 1, 32))
+    return Backoff(min(FIRST_RETRY_S, interval_s), interval_s).delay(failures)
 
 
 @dataclass(slots=True)
@@ -39,7 +48,6 @@ class BackendEntry:
     status: BackendStatus = field(default_factory=lambda: BackendStatus(Health.STARTING))
     failures: int = 0
     next_probe: float = 0.0
-    in_flight: int = 0
     # The models it held when last healthy: a request for one while the backend is
     # down is "try again later" (503), not "no such model" (404).
     last_models: tuple[ModelInfo, ...] = ()
@@ -50,12 +58,12 @@ class BackendEntry:
 
 
 class BackendRegistry:
-    def __init__(self, *, interval_s: float) -> None:
+    def __init__(self, bus: EventBus, *, interval_s: float) -> None:
         self.interval_s = interval_s
+        self._bus = bus
         self._entries: dict[str, BackendEntry] = {}
         self._wake = asyncio.Event()
-        # Called when the set of servable models may have changed (a backend came or went).
-        self.on_change: Callable[[], None] = lambda: None
+        bus.subscribe(BackendReported, self._reported)
 
     # -- membership ---------------------------------------------------------------
 
@@ -79,17 +87,13 @@ class BackendRegistry:
     # -- the model index ----------------------------------------------------------
 
     def candidates(self, model: str, op: Operation) -> list[BackendEntry]:
-        """Healthy backends that hold `model` for `op`: loaded first, then least busy."""
-        found = []
-        for entry in self._entries.values():
-            if not entry.healthy:
-                continue
-            for info in entry.status.models:
-                if info.id == model and op in info.operations:
-                    found.append((not info.loaded, entry.in_flight, entry))
-                    break
-        found.sort(key=lambda item: (item[0], item[1]))
-        return [entry for _, _, entry in found]
+        """Healthy backends that hold `model` for `op` (routing ranks them)."""
+        return [
+            entry
+            for entry in self._entries.values()
+            if entry.healthy
+            and any(info.id == model and op in info.operations for info in entry.status.models)
+        ]
 
     def models(self) -> list[tuple[ModelInfo, BackendEntry]]:
         return [
@@ -122,25 +126,38 @@ class BackendRegistry:
 
     def record(self, entry: BackendEntry, status: BackendStatus, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        was, models_before = entry.status.health, entry.last_models
+        before = entry.status
         entry.status = status
         entry.failures = 0 if status.health is Health.HEALTHY else entry.failures + 1
         entry.next_probe = now + next_probe_delay(entry.failures, self.interval_s)
         if status.health is Health.HEALTHY:
             entry.last_models = status.models
         self._wake.set()
-        if was is not status.health or (
-            status.health is Health.HEALTHY and status.models != models_before
-        ):
-            self.on_change()
-        if was is not status.health:
-            log.info(
-                "backend %s (%s) is %s%s",
-                entry.backend.name,
-                entry.backend.location,
-                status.health,
-                f": {status.reason}" if status.reason else "",
-            )
+        self._publish_change(entry, before, status)
+
+    def _reported(self, event: BackendReported) -> None:
+        entry = self._entries.get(event.backend)
+        if entry is not None:
+            self.record(entry, event.status)
+
+    def _publish_change(
+        self, entry: BackendEntry, before: BackendStatus, now: BackendStatus
+    ) -> None:
+        name = entry.backend.name
+        up_before, up_now = before.health is Health.HEALTHY, now.health is Health.HEALTHY
+        if up_now and not up_before:
+            backend = entry.backend
+            self._bus.publish(BackendUp(name, backend.kind, backend.location, now.models))
+        elif (up_before and not up_now) or (not up_now and before.health is not now.health):
+            self._bus.publish(BackendDown(name, now.health, now.reason))
+        elif up_now and now.models != before.models:
+            self._bus.publish(BackendModelsChanged(name, now.models))
+        was_loaded = {m.id for m in before.models if m.loaded} if up_before else set()
+        is_loaded = {m.id for m in now.models if m.loaded} if up_now else set()
+        for model in sorted(is_loaded - was_loaded):
+            self._bus.publish(ModelLoaded(name, model))
+        for model in sorted(was_loaded - is_loaded):
+            self._bus.publish(ModelUnloaded(name, model))
 
     def mark_down(self, entry: BackendEntry, reason: str) -> None:
         """A request could not reach the backend: out of the index until a probe succeeds."""

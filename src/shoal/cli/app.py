@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from shoal import protocol
 from shoal import settings as settings_mod
 from shoal.cli import cluster, config_file
 from shoal.cli.common import (
@@ -100,7 +101,7 @@ def serve(
 @app.command()
 def status(url: UrlOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Show this node: backends, their health, models, requests in flight."""
-    document = node_get(url, config, "/shoal/v1/status")
+    document = node_get(url, config, protocol.STATUS_PATH)
     if as_json:
         out.print_json(json.dumps(document))
         return
@@ -136,7 +137,7 @@ def models(
 ) -> None:
     """List the models this node (or, with --lan, the cluster) can serve now."""
     headers = {} if lan else {"X-Shoal-Local-Only": "1"}
-    document = node_get(url, config, "/v1/models", headers)
+    document = node_get(url, config, protocol.MODELS_PATH, headers)
     if as_json:
         out.print_json(json.dumps(document))
         return

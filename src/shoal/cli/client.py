@@ -7,6 +7,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from shoal.protocol import error_message
+
 
 class NodeUnreachable(Exception):
     pass
@@ -40,10 +42,7 @@ def _call(request: urllib.request.Request, timeout: float) -> Any:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         with exc:
-            try:
-                message = json.loads(exc.read())["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = f"HTTP {exc.code}"
+            message = error_message(exc.read()) or f"HTTP {exc.code}"
         raise NodeRefused(message) from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)

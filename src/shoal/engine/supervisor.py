@@ -6,7 +6,9 @@ SIGKILL, OOM) or stops answering its health check three times in a row (a hang),
 killed if need be and started again after a backoff that doubles from
 `restart_backoff_s` up to `restart_backoff_max_s`, and resets once a child has stayed up
 for a minute. While the child is not ready, `send` refuses with 503 and Retry-After;
-the node itself never goes down with it.
+the node itself never goes down with it. Every change of the child's state is published
+at once (`BackendReported`, so a crash takes the models out of the index without waiting
+for a probe; `EngineStarted`, `EngineExited` with the restart count).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,20 @@ from shoal.backends.base import (
     Upstream,
 )
 from shoal.backends.http import PROBE_ERRORS, HttpTransport, HttpUpstream
+from shoal.backoff import Backoff
 from shoal.engine import assets
 from shoal.errors import BackendUnavailable, UpstreamFailed
+from shoal.events import BackendReported, EngineExited, EngineStarted, EventBus
 from shoal.settings import EngineSettings, LimitSettings
 
 log = logging.getLogger(__name__)
 
 HEALTH_MISSES_BEFORE_KILL = 3
+# The least time a running child gets to answer a health check: its event loop answers
+# within milliseconds even mid-generation (llama.cpp releases the GIL), so silence for
+# this long means a hang.
+HEALTH_TIMEOUT_MIN_S = 1.0
+STOP_GRACE_S = 2.0  # a child's time to exit after its stdin closes, before SIGKILL
 STABLE_AFTER_S = 60.0  # a child up this long resets the restart backoff
 EMBEDDING_MODEL_ID = "all-MiniLM-L6-v2"
 EMBEDDING_MAX_TOKENS = 256
@@ -53,13 +62,13 @@ class EngineBackend:
         self,
         settings: EngineSettings,
         limits: LimitSettings,
+        bus: EventBus,
         name: str = "embedded",
     ) -> None:
         self.name = name
         self._settings = settings
-        # Told of every change of the child's state, at once (the node wires it to the
-        # registry, so a crash takes the models out of the index without waiting).
-        self.on_status: Callable[[BackendStatus], None] = lambda status: None
+        self._bus = bus
+        self._backoff = Backoff(settings.restart_backoff_s, settings.restart_backoff_max_s)
         self._model_path = settings.model_path or assets.default_chat_model()
         self._embedding_dir = settings.embedding_path or assets.default_embedding_model()
         model_id, quantization = assets.model_id_of(self._model_path)
@@ -118,22 +127,46 @@ class EngineBackend:
 
     async def run(self) -> None:
         """Keep a child running until cancelled."""
-        backoff = self._settings.restart_backoff_s
+        failures = 0  # in a row, without a stable run between them
         while True:
             started = time.monotonic()
             exit_reason = await self._run_child_once()
             self.last_exit = exit_reason
-            if time.monotonic() - started > STABLE_AFTER_S:
-                backoff = self._settings.restart_backoff_s
+            failures = 1 if time.monotonic() - started > STABLE_AFTER_S else failures + 1
+            backoff = self._backoff.delay(failures)
             log.error("embedded engine %s; restarting in %.1f s", exit_reason, backoff)
+            self._bus.publish(EngineExited(self.name, exit_reason, self.restarts))
             self._set(Health.DOWN, f"restarting after it {exit_reason}")
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._settings.restart_backoff_max_s)
             self.restarts += 1
 
     async def _run_child_once(self) -> str:
         self._set(Health.STARTING, "starting")
         process = await asyncio.create_subprocess_exec(
+            *self._child_argv(),
+            stdin=asyncio.subprocess.PIPE,  # closed by us, or by our death: the child exits
+            # One BLAS thread for the embedding model: beside llama.cpp's threads on a
+            # small machine, more only contend (10 ms vs 40+ ms per sentence, measured).
+            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+        )
+        self._process = process
+        try:
+            if not await self._wait_ready(process):
+                # The reason before the stop: a stopped child has an exit status too.
+                reason = _exit_reason(process.returncode, "did not become ready in time")
+                await self._stop_child()
+                return reason
+            log.info("embedded engine ready (pid %d)", process.pid)
+            self._bus.publish(EngineStarted(self.name, process.pid))
+            self._set(Health.HEALTHY, "")
+            return await self._watch(process)
+        finally:
+            if process.returncode is None:
+                await self._stop_child()
+
+    def _child_argv(self) -> list[str]:
+        """The child's command line (a seam: the unit tests run a fake engine instead)."""
+        return [
             sys.executable,
             "-m",
             "shoal.engine.worker",
@@ -149,22 +182,7 @@ class EngineBackend:
             str(self._settings.threads),
             "--context",
             str(self._settings.context),
-            stdin=asyncio.subprocess.PIPE,  # closed by us, or by our death: the child exits
-            # One BLAS thread for the embedding model: beside llama.cpp's threads on a
-            # small machine, more only contend (10 ms vs 40+ ms per sentence, measured).
-            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
-        )
-        self._process = process
-        try:
-            if not await self._wait_ready(process):
-                await self._stop_child()
-                return _exit_reason(process.returncode, "did not become ready in time")
-            log.info("embedded engine ready (pid %d)", process.pid)
-            self._set(Health.HEALTHY, "")
-            return await self._watch(process)
-        finally:
-            if process.returncode is None:
-                await self._stop_child()
+        ]
 
     async def _wait_ready(self, process: asyncio.subprocess.Process) -> bool:
         deadline = time.monotonic() + self._settings.start_timeout_s
@@ -184,9 +202,7 @@ class EngineBackend:
             except TimeoutError:
                 pass
             try:
-                # The child's event loop answers within milliseconds even mid-generation
-                # (llama.cpp releases the GIL); silence for this long means a hang.
-                timeout = max(1.0, 2 * self._settings.health_interval_s)
+                timeout = max(HEALTH_TIMEOUT_MIN_S, 2 * self._settings.health_interval_s)
                 health = await self._transport.get_json("/health", timeout)
                 misses = 0
                 self._status = BackendStatus(
@@ -199,22 +215,26 @@ class EngineBackend:
                     return "stopped answering its health check (killed)"
 
     async def _stop_child(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.returncode is not None:
+        process = self._process
+        if process is None:
             return
-        if process.stdin is not None:
-            process.stdin.close()
-        try:
-            await asyncio.wait_for(process.wait(), 2.0)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        if process.returncode is None:
+            if process.stdin is not None:
+                process.stdin.close()
+            try:
+                await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        # Forgotten only once gone: a stop cut short by cancellation (a shutdown while a
+        # hung child is given its grace) is done again by the next caller, not leaked.
+        self._process = None
 
     # -- reporting ----------------------------------------------------------------
 
     def _set(self, health: Health, reason: str) -> None:
         self._status = BackendStatus(health, self.models, reason=reason, detail=self._detail({}))
-        self.on_status(self._status)
+        self._bus.publish(BackendReported(self.name, self._status))
 
     def _detail(self, health: dict[str, Any]) -> dict[str, Any]:
         detail = {

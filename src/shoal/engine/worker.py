@@ -27,6 +27,8 @@ import numpy as np
 import orjson
 from aiohttp import web
 
+from shoal import protocol
+
 log = logging.getLogger("shoal.engine.worker")
 
 _DONE = object()
@@ -203,9 +205,9 @@ class Worker:
         app.add_routes(
             [
                 web.get("/health", self.health),
-                web.post("/v1/chat/completions", self.chat),
-                web.post("/v1/completions", self.completion),
-                web.post("/v1/embeddings", self.embeddings),
+                web.post(protocol.CHAT_PATH, self.chat),
+                web.post(protocol.COMPLETIONS_PATH, self.completion),
+                web.post(protocol.EMBEDDINGS_PATH, self.embeddings),
             ]
         )
         return app

@@ -14,11 +14,8 @@ import orjson
 from shoal.backends.base import Operation
 from shoal.backends.http import HttpTransport, HttpUpstream
 from shoal.mesh.state import NodeState, decode
-from shoal.routing.rank import HOP_HEADER
+from shoal.protocol import GOODBYE_PATH, HOP_HEADER, STATE_PATH
 from shoal.settings import LimitSettings
-
-STATE_PATH = "/shoal/v1/mesh/state"
-GOODBYE_PATH = "/shoal/v1/mesh/goodbye"
 
 
 class PeerLink:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from typing import Protocol
 
-import psutil
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from shoal.mesh import interfaces
+from shoal.mesh.membership import Source
 from shoal.mesh.state import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -31,15 +31,14 @@ def advertised_addresses(bind_host: str) -> list[str]:
     """The IPv4 addresses peers can reach us on: the bound one, or every non-loopback one."""
     if bind_host not in ("0.0.0.0", ""):
         return [bind_host]
-    found = []
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if (
-                address.family == socket.AF_INET
-                and not ipaddress.ip_address(address.address).is_loopback
-            ):
-                found.append(address.address)
-    return found
+    return [str(address) for address in interfaces.lan_ipv4(link_local=True)]
+
+
+class Sightings(Protocol):
+    """Where discovery reports (implemented by `shoal.trust.admission.Admission`)."""
+
+    def sighted(self, node_id: str, address: str, source: Source) -> None: ...
+    def gone(self, node_id: str) -> None: ...
 
 
 class MdnsDiscovery:
@@ -50,13 +49,11 @@ class MdnsDiscovery:
         port: int,
         advert: dict[str, str],
         addresses: list[str],
-        on_sighted: Callable[[str, str], None],
-        on_gone: Callable[[str], None],
+        sightings: Sightings,
     ) -> None:
         self._node_id = node_id
         self._port = port
-        self._on_sighted = on_sighted
-        self._on_gone = on_gone
+        self._sightings = sightings
         safe_name = "".join(c if c.isalnum() or c in "-_" else "-" for c in node_name)[:40]
         self._info = AsyncServiceInfo(
             SERVICE_TYPE,
@@ -105,7 +102,7 @@ class MdnsDiscovery:
         if state_change is ServiceStateChange.Removed:
             peer_id = self._ids_by_name.pop(name, None)
             if peer_id is not None:
-                self._on_gone(peer_id)
+                self._sightings.gone(peer_id)
         else:
             self._to_resolve.put_nowait((service_type, name))
 
@@ -124,7 +121,7 @@ class MdnsDiscovery:
             return
         self._ids_by_name[name] = peer_id
         port = info.port or int(properties.get("port") or 0)
-        self._on_sighted(peer_id, f"http://{addresses[0]}:{port}")
+        self._sightings.sighted(peer_id, f"http://{addresses[0]}:{port}", "mdns")
 
     async def _close(self) -> None:
         if self._zeroconf is None:

@@ -24,6 +24,11 @@ peer stays in the table: if the operator gave its address (static config or `sho
 join`) it is re-probed with exponential backoff; one only ever seen by mDNS or a scan
 waits to be sighted again.
 
+Discovery is a hint: anyone on the LAN can advertise a live peer's ID at another
+address. While a peer answers where it is, an mDNS or scan sighting elsewhere is
+ignored (the claimant could not pass the pinned TLS anyway, but switching would cut us
+off); an address the operator gave (static, join) or the peer itself used is followed.
+
 Events report membership as a consumer sees it: `joined` opens a peer's story, and
 `removed` or `left` closes it. A peer that never answered cannot leave, so a JOINING
 peer that is removed or says goodbye emits nothing.
@@ -40,15 +45,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final, Literal
+from typing import Final, Literal, get_args
+
+from shoal.backoff import Backoff
 
 #: Where sightings come from. mDNS adverts, scan hits and peers contacting us recur on
 #: their own; a static peer or a `shoal join` is an address the operator vouched for.
-#: `sighted` records any source string; only these two change what it does.
-SOURCES: Final = frozenset({"mdns", "static", "scan", "join", "peer"})
+Source = Literal["mdns", "static", "scan", "join", "peer"]
+SOURCES: Final = frozenset(get_args(Source))
 #: Sources whose address is worth re-probing after removal: nothing else will bring the
 #: peer back (no re-announce), and the operator asked for it.
-_REJOIN_PROBED_SOURCES: Final = frozenset({"static", "join"})
+_REJOIN_PROBED_SOURCES: Final[frozenset[Source]] = frozenset({"static", "join"})
+#: Sources that are only hints: they cannot move a live peer to another address.
+_HINT_SOURCES: Final[frozenset[Source]] = frozenset({"mdns", "scan"})
 
 
 class PeerState(StrEnum):
@@ -114,6 +123,10 @@ class Timing:
         if self.rejoin_max_s < self.rejoin_first_s:
             raise ValueError("need rejoin_first_s <= rejoin_max_s")
 
+    @property
+    def rejoin(self) -> Backoff:
+        return Backoff(self.rejoin_first_s, self.rejoin_max_s)
+
 
 EventKind = Literal["joined", "recovered", "suspect", "removed", "left", "address_changed"]
 
@@ -134,7 +147,7 @@ class PeerView:
     first_seen: float
     last_seen: float | None  # last successful heartbeat
     alive_since: float | None  # None unless ALIVE; reset by every miss
-    sources: frozenset[str]  # see SOURCES
+    sources: frozenset[Source]
     interval_s: float  # the heartbeat interval as of its last answer (5 s unless ALIVE)
     next_due: float | None  # None: not probed until sighted again
 
@@ -146,8 +159,8 @@ class _Peer:
     first_seen: float
     interval_s: float
     next_due: float | None
-    rejoin_backoff_s: float
-    sources: set[str] = field(default_factory=set)
+    sources: set[Source] = field(default_factory=set)
+    rejoin_failures: int = 0  # rejoin probes failed since it was removed
     state: PeerState = PeerState.JOINING
     misses: int = 0
     last_seen: float | None = None
@@ -171,7 +184,7 @@ class Membership:
 
     # -- facts in, events out ----------------------------------------------------------
 
-    def sighted(self, peer_id: str, address: str, now: float, source: str) -> list[Event]:
+    def sighted(self, peer_id: str, address: str, now: float, source: Source) -> list[Event]:
         """Discovery saw `peer_id` at `address`. A new or removed peer is due at once."""
         if peer_id == self.self_id:
             return []  # a node finding itself among its static peers
@@ -183,10 +196,11 @@ class Membership:
                 first_seen=now,
                 interval_s=self.timing.new_interval_s,
                 next_due=now,
-                rejoin_backoff_s=self.timing.rejoin_first_s,
                 sources={source},
             )
             return []
+        if address != peer.address and peer.state is PeerState.ALIVE and source in _HINT_SOURCES:
+            return []  # a hint cannot move a live peer (see the theory of operation)
         peer.sources.add(source)
         events: list[Event] = []
         if address != peer.address:
@@ -215,7 +229,7 @@ class Membership:
         if previous is not PeerState.ALIVE:
             peer.state = PeerState.ALIVE
             peer.alive_since = now
-            peer.rejoin_backoff_s = self.timing.rejoin_first_s
+            peer.rejoin_failures = 0
         peer.interval_s = self._interval_of(peer, now)
         peer.next_due = now + peer.interval_s
         if previous is PeerState.ALIVE:
@@ -338,20 +352,25 @@ class Membership:
         peer.state = PeerState.REMOVED
         peer.alive_since = None
         peer.interval_s = self.timing.new_interval_s
-        peer.rejoin_backoff_s = self.timing.rejoin_first_s
-        peer.next_due = now + peer.rejoin_backoff_s if _rejoin_probed(peer) else None
+        peer.rejoin_failures = 0
+        peer.next_due = self._next_rejoin_probe(peer, now)
         return [Event(kind, peer.peer_id)] if had_joined else []
 
     def _rejoin(self, peer: _Peer, now: float) -> None:
         peer.state = PeerState.JOINING
         peer.misses = 0
-        peer.rejoin_backoff_s = self.timing.rejoin_first_s
+        peer.rejoin_failures = 0
         peer.next_due = now
 
     def _rejoin_probe_failed(self, peer: _Peer, now: float) -> None:
         peer.misses += 1
-        peer.rejoin_backoff_s = min(2 * peer.rejoin_backoff_s, self.timing.rejoin_max_s)
-        peer.next_due = now + peer.rejoin_backoff_s if _rejoin_probed(peer) else None
+        peer.rejoin_failures += 1
+        peer.next_due = self._next_rejoin_probe(peer, now)
+
+    def _next_rejoin_probe(self, peer: _Peer, now: float) -> float | None:
+        if not _rejoin_probed(peer):
+            return None
+        return now + self.timing.rejoin.delay(peer.rejoin_failures + 1)
 
 
 def _rejoin_probed(peer: _Peer) -> bool:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 from collections.abc import Awaitable, Callable, Iterable
 
-import psutil
-
+from shoal.mesh import interfaces
 from shoal.trust.store import TrustedNode
 
 # Addresses probed at once: a /24 takes a few connect timeouts, not 254 of them.
@@ -21,16 +19,7 @@ DEFAULT_CONCURRENCY = 64
 
 def local_networks() -> list[ipaddress.IPv4Network]:
     """The /24 around each non-loopback IPv4 address of this machine."""
-    networks = set()
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family != socket.AF_INET:
-                continue
-            ip = ipaddress.IPv4Address(address.address)
-            if ip.is_loopback or ip.is_link_local:
-                continue
-            networks.add(ipaddress.IPv4Network(f"{ip}/24", strict=False))
-    return sorted(networks)
+    return sorted({ipaddress.IPv4Network(f"{ip}/24", strict=False) for ip in interfaces.lan_ipv4()})
 
 
 def scan_targets(
@@ -59,3 +48,28 @@ async def scan(
 
     results = await asyncio.gather(*(one(url) for url in targets))
     return [(url, state) for url, state in results if state is not None]
+
+
+class Scanner:
+    """`shoal peers --scan`, and LAN mode's scan when mDNS finds nobody: every address of
+    the local /24s but this machine's own is met through admission."""
+
+    def __init__(
+        self,
+        meet: Callable[[str], Awaitable[TrustedNode | None]],
+        *,
+        self_id: str,
+        port: int,
+        own_addresses: Callable[[], Iterable[str]],
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        self._meet = meet
+        self._self_id = self_id
+        self.port = port  # the API port peers listen on (ours, by convention)
+        self._own = own_addresses
+        self._concurrency = concurrency
+
+    async def run(self) -> list[tuple[str, TrustedNode]]:
+        targets = scan_targets(local_networks(), self.port, exclude=set(self._own()))
+        found = await scan(targets, self._meet, self._concurrency)
+        return [(url, node) for url, node in found if node.node_id != self._self_id]

@@ -4,16 +4,20 @@ A target that fails before the first byte of its answer (cannot connect, reset,
 timeout, 5xx) is skipped for the next one, within one overall deadline, and is blamed
 (a local backend is marked down, a peer suspect). Once an answer is open it is the
 caller's to relay; `Dispatcher.open` closes it and releases every count on exit,
-whatever happens.
+whatever happens. The counts are the load ledger's; the story of each request is
+published as events: `RequestRouted` when a target accepts it, `RequestFirstByte` when
+the relay sends the first byte, `RequestFinished` with its outcome and timings.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -25,10 +29,22 @@ from shoal.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
+from shoal.events import (
+    EventBus,
+    Outcome,
+    RequestFinished,
+    RequestFirstByte,
+    RequestRouted,
+    Route,
+)
+from shoal.protocol import error_message
+from shoal.routing.ledger import LoadLedger, Slot
 from shoal.routing.rank import HopPolicy
 from shoal.routing.router import Router, Target
 
 log = logging.getLogger(__name__)
+
+_CLIENT_GONE = 499  # nginx's code for "the client closed the connection"
 
 
 @dataclass(slots=True)
@@ -36,70 +52,142 @@ class Opened:
     upstream: Upstream
     target: Target
     retried: bool
+    request_id: int
+    started: float  # monotonic, when the request reached the dispatcher
+    _slot: Slot
+    _bus: EventBus
+    first_byte_s: float | None = None
+    broken: bool = field(default=False)
 
     @property
-    def route(self) -> str:
+    def route(self) -> Route:
         return "retried" if self.retried else self.target.route
+
+    def first_byte(self) -> None:
+        """The relay sent the answer's first byte to the client (called once or more)."""
+        if self.first_byte_s is None:
+            self.first_byte_s = time.monotonic() - self.started
+            if self._bus.wants(RequestFirstByte):
+                self._bus.publish(RequestFirstByte(self.request_id, self.first_byte_s))
+
+    def broke(self) -> None:
+        """The stream had started and ended with an error event."""
+        self.broken = True
 
 
 class Dispatcher:
     def __init__(
-        self,
-        router: Router,
-        *,
-        deadline_s: float,
-        on_load_change: Callable[[int], None] = lambda in_flight: None,
+        self, router: Router, ledger: LoadLedger, bus: EventBus, *, deadline_s: float
     ) -> None:
         self._router = router
+        self._ledger = ledger
+        self._bus = bus
         self._deadline_s = deadline_s
-        self._on_load_change = on_load_change
-        self.in_flight = 0
+        self._ids = itertools.count(1)
 
     @asynccontextmanager
     async def open(
         self, op: Operation, model: str, body: bytes, policy: HopPolicy
     ) -> AsyncIterator[Opened]:
-        self._count(+1)
+        request_id, started = next(self._ids), time.monotonic()
+        self._ledger.request_started()
+        opened: Opened | None = None
+        outcome: Outcome = "failed"
+        status = 500
         try:
-            opened = await self._open_first(op, model, body, policy)
+            opened = await self._open_first(request_id, started, op, model, body, policy)
             try:
                 yield opened
             finally:
                 opened.upstream.close()
-                opened.target.end()
+                opened._slot.release()
+            status = opened.upstream.status
+            outcome = "broken" if opened.broken else "error" if status >= 400 else "ok"
+        except ShoalError as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            outcome, status = "cancelled", _CLIENT_GONE
+            raise
         finally:
-            self._count(-1)
+            self._ledger.request_finished()
+            if self._bus.wants(RequestFinished):
+                self._finished(request_id, started, op, model, opened, outcome, status)
 
-    def _count(self, delta: int) -> None:
-        self.in_flight += delta
-        self._on_load_change(self.in_flight)
+    def _finished(
+        self,
+        request_id: int,
+        started: float,
+        op: Operation,
+        model: str,
+        opened: Opened | None,
+        outcome: Outcome,
+        status: int,
+    ) -> None:
+        self._bus.publish(
+            RequestFinished(
+                request_id,
+                op,
+                model,
+                route=opened.route if opened else None,
+                target=opened.target.name if opened else None,
+                status=status,
+                outcome=outcome,
+                first_byte_s=opened.first_byte_s if opened else None,
+                total_s=time.monotonic() - started,
+            )
+        )
 
     async def _open_first(
-        self, op: Operation, model: str, body: bytes, policy: HopPolicy
+        self,
+        request_id: int,
+        started: float,
+        op: Operation,
+        model: str,
+        body: bytes,
+        policy: HopPolicy,
     ) -> Opened:
         targets = self._router.route(op, model, policy)
-        deadline = time.monotonic() + self._deadline_s
+        deadline = started + self._deadline_s
         failure: ShoalError | None = None
         for attempt, target in enumerate(targets):
             if attempt and time.monotonic() >= deadline:
                 break
-            target.begin()
-            opened = False
+            slot = self._ledger.hold(target.route, target.candidate.key, target.model)
             try:
                 upstream = await target.send(op, _for_target(body, model, target.model))
                 if upstream.status < 500:
-                    opened = True
-                    return Opened(upstream, target, retried=attempt > 0)
+                    opened = Opened(
+                        upstream, target, attempt > 0, request_id, started, slot, self._bus
+                    )
+                    self._routed(opened, op, model, attempt)
+                    return opened
                 failure = await _server_error(upstream)
             except (BackendUnavailable, UpstreamError) as exc:
                 failure = exc
                 target.failed(exc)
-            finally:
-                if not opened:  # failed, or cancelled while waiting for the answer
-                    target.end()
+            except BaseException:
+                slot.release()  # cancelled while waiting for the answer
+                raise
+            slot.release()  # failed: the next target gets the request
             log.warning("%s %s failed: %s", target.route, target.name, failure.message)
         assert failure is not None
         raise failure
+
+    def _routed(self, opened: Opened, op: Operation, model: str, attempt: int) -> None:
+        if self._bus.wants(RequestRouted):
+            target = opened.target
+            self._bus.publish(
+                RequestRouted(
+                    opened.request_id,
+                    op,
+                    model,
+                    target.name,
+                    target.candidate.node_id,
+                    opened.route,
+                    attempt,
+                )
+            )
 
 
 def _for_target(body: bytes, requested: str, served_as: str) -> bytes:
@@ -120,11 +208,9 @@ async def _server_error(upstream: Upstream) -> ShoalError:
     finally:
         upstream.close()
     message = f"the backend answered {upstream.status}"
-    try:
-        detail = orjson.loads(raw)["error"]
-        message += f": {detail['message'] if isinstance(detail, dict) else detail}"
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        pass
+    detail = error_message(raw)
+    if detail:
+        message += f": {detail}"
     if upstream.status == 503:
         return BackendUnavailable(message, retry_after=2)
     if upstream.status == 504:

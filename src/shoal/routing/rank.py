@@ -23,11 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Strategy = Literal["local_spillover", "least_loaded", "round_robin"]
+from shoal.protocol import HOP_HEADER, LOCAL_ONLY_HEADER, NODE_HEADER
 
-HOP_HEADER = "X-Shoal-Hop"  # set on every forwarded request
-NODE_HEADER = "X-Shoal-Node"  # client pins a node: by name, full id, or id prefix
-LOCAL_ONLY_HEADER = "X-Shoal-Local-Only"  # client forbids forwarding
+Strategy = Literal["local_spillover", "least_loaded", "round_robin"]
 
 # A shorter id prefix is too likely to name two nodes (or a node by accident).
 MIN_ID_PREFIX = 8

@@ -1,8 +1,9 @@
 """Choosing where a request may go: local backends and peers that hold the model, ranked.
 
 The decisions are `rank.py`'s pure functions; this module gathers their inputs from
-the backend registry and the peer table, and wraps each choice as a `Target` the
-dispatcher can send to, count, and blame.
+the backend registry, the peer table and the load ledger, and wraps each choice as a
+`Target` the dispatcher can send to, count (in the ledger, under `route` and `key`), and
+blame.
 """
 
 from __future__ import annotations
@@ -21,19 +22,18 @@ from shoal.errors import (
 )
 from shoal.mesh.membership import PeerState
 from shoal.mesh.peers import Peer, Peers
+from shoal.routing.ledger import LoadLedger
 from shoal.routing.rank import Candidate, HopPolicy, allowed, rank, resolve_model
 from shoal.settings import RoutingSettings
 
 
 class Target(Protocol):
-    candidate: Candidate
+    candidate: Candidate  # candidate.key: the backend's name, or the peer's node ID
     name: str  # the backend's name, or the peer node's name
     model: str  # the name the model has there (aliases resolved)
     route: Literal["local", "peer"]
 
     async def send(self, op: Operation, body: bytes) -> Upstream: ...
-    def begin(self) -> None: ...
-    def end(self) -> None: ...
     def failed(self, error: ShoalError) -> None: ...
 
 
@@ -51,12 +51,6 @@ class LocalTarget:
 
     async def send(self, op: Operation, body: bytes) -> Upstream:
         return await self._entry.backend.send(op, body)
-
-    def begin(self) -> None:
-        self._entry.in_flight += 1
-
-    def end(self) -> None:
-        self._entry.in_flight -= 1
 
     def failed(self, error: ShoalError) -> None:
         if isinstance(error, BackendUnavailable):
@@ -77,12 +71,6 @@ class PeerTarget:
     async def send(self, op: Operation, body: bytes) -> Upstream:
         return await self._peers.link(self._peer_id).send(op, body)
 
-    def begin(self) -> None:
-        self._peers.sent[self._peer_id] += 1
-
-    def end(self) -> None:
-        self._peers.sent[self._peer_id] -= 1
-
     def failed(self, error: ShoalError) -> None:
         # It could not be reached, or broke off before answering: suspect at once, so
         # no other request goes there before a heartbeat says it is back. (A peer that
@@ -97,6 +85,7 @@ class Router:
         node_name: str,
         registry: BackendRegistry,
         peers: Peers | None,
+        ledger: LoadLedger,
         settings: RoutingSettings,
         rng: random.Random | None = None,
     ) -> None:
@@ -104,6 +93,7 @@ class Router:
         self._node_name = node_name
         self._registry = registry
         self._peers = peers
+        self._ledger = ledger
         self._settings = settings
         self._rng = rng or random.Random()
         self._turn = 0
@@ -142,7 +132,7 @@ class Router:
         return rank(
             candidates,
             self._settings.strategy,
-            local_in_flight=sum(e.in_flight for e in self._registry.entries()),
+            local_in_flight=self._ledger.local_in_flight,
             spillover_max_local_in_flight=self._settings.spillover_max_local_in_flight,
             turn=self._turn,
             rng=self._rng,
@@ -161,7 +151,7 @@ class Router:
                     node_id=self._node_id,
                     local=True,
                     loaded=loaded,
-                    in_flight=entry.in_flight,
+                    in_flight=self._ledger.backend(entry.backend.name),
                     capacity=capacity,
                 )
                 found[entry.backend.name] = LocalTarget(entry, self._registry, name, candidate)
@@ -184,7 +174,7 @@ class Router:
                 node_id=peer_id,
                 local=False,
                 loaded=held[name].loaded,
-                in_flight=state.load.in_flight + max(0, self._peers.sent[peer_id]),
+                in_flight=state.load.in_flight + self._ledger.peer(peer_id),
                 capacity=state.load.capacity,
                 hardware_score=state.hardware.score,
                 healthy=peer.view.state is PeerState.ALIVE,

@@ -1,8 +1,10 @@
-"""The node's trust: admission handshakes, the trust store, and the TLS contexts.
+"""The node's trust material: the handshake's messages, the trust store, the TLS contexts.
 
 Handshakes run over the plain API port (they must work before any trust exists);
 everything else between nodes runs over mutual TLS on the peer port, where only paired
-nodes' certificates are accepted. See docs/protocol.md.
+nodes' certificates are accepted. See docs/protocol.md. Deciding *when* a node becomes
+trusted or stops being trusted, and telling the rest of the node, is
+`shoal.trust.admission`'s job; this module only keeps the books and the keys.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import logging
 import ssl
 import time
 import weakref
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 
 from shoal.mesh.identity import Identity, node_id_of
-from shoal.settings import Settings
+from shoal.protocol import CONFIRM_PATH, HELLO_PATH, error_message
+from shoal.settings import ClusterMode, Settings
 from shoal.trust import certs, handshake
 from shoal.trust.handshake import HandshakeError
 from shoal.trust.secret import read_secret
@@ -29,8 +32,6 @@ from shoal.trust.store import PendingFull, TrustedNode, TrustState, TrustStore
 
 log = logging.getLogger(__name__)
 
-HELLO_PATH = "/shoal/v1/trust/hello"
-CONFIRM_PATH = "/shoal/v1/trust/confirm"
 HANDSHAKE_TIMEOUT_S = 5.0
 _RESPONDER, _INITIATOR = b"responder", b"initiator"
 
@@ -52,6 +53,18 @@ def _unb64(doc: dict[str, Any], key: str) -> bytes:
         return base64.b64decode(str(doc[key]), validate=True)
     except (KeyError, ValueError, TypeError):
         raise HandshakeError(f"malformed handshake: bad {key}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Met:
+    """A completed handshake: the node's entry now, and its state before (None: new)."""
+
+    node: TrustedNode
+    previous: TrustState | None
+
+    @property
+    def changed(self) -> bool:
+        return self.node.state is not self.previous
 
 
 class Trust:
@@ -76,25 +89,35 @@ class Trust:
         self._by_connection: weakref.WeakKeyDictionary[asyncio.Transport, str] = (
             weakref.WeakKeyDictionary()
         )
-        # Told when a node loses trust, so its listener and links can be rebuilt.
-        self.on_revoked: Callable[[str], None] = lambda node_id: None
+        self._secret: str | None = None
+        self.mode: ClusterMode = "open"
+        self.refresh_mode()
 
     # -- mode ---------------------------------------------------------------------------
 
-    @property
-    def mode(self) -> str:
-        """Explicit config wins; else a cluster secret on disk means secret mode; else
-        open when bound to loopback (no other machine can reach us), pairing otherwise."""
+    def refresh_mode(self) -> ClusterMode:
+        """Read the cluster secret file again and settle the mode (held as state: the
+        request path reads `mode`, never the file). Called before every handshake, so
+        `shoal token create` takes effect without a restart.
+
+        Explicit config wins; else a cluster secret on disk means secret mode; else
+        open when bound to loopback (no other machine can reach us), pairing otherwise.
+        """
+        self._secret = read_secret(self._data_dir)
         if self._settings.cluster.mode is not None:
-            return self._settings.cluster.mode
-        if read_secret(self._data_dir):
-            return "secret"
-        host = self._settings.bind_host
-        loopback = host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback)
-        return "open" if loopback else "pairing"
+            self.mode = self._settings.cluster.mode
+        elif self._secret:
+            self.mode = "secret"
+        else:
+            host = self._settings.bind_host
+            loopback = host == "localhost" or (
+                _is_ip(host) and ipaddress.ip_address(host).is_loopback
+            )
+            self.mode = "open" if loopback else "pairing"
+        return self.mode
 
     def secret(self) -> str | None:
-        return read_secret(self._data_dir)
+        return self._secret
 
     def advert(self) -> dict[str, str]:
         """What mDNS may say: mode, peer port and a short fingerprint of the secret."""
@@ -107,7 +130,6 @@ class Trust:
     # -- who is trusted -----------------------------------------------------------------
 
     def is_paired(self, node_id: str) -> bool:
-        self.store.reload()
         return self.store.state(node_id) is TrustState.PAIRED
 
     def peer_url(self, node_id: str, host: str) -> str:
@@ -151,10 +173,11 @@ class Trust:
     def accept(self, node: TrustedNode) -> None:
         self.store.set_state(node.node_id, TrustState.PAIRED)
         self.server_context.load_verify_locations(cadata=node.cert)
-        log.info("paired with %s (%s)", node.name or "?", node.node_id[:12])
 
     def revoke(self, node: TrustedNode, *, forget: bool) -> None:
-        """Decline, unpair or forget: its connections are cut at once."""
+        """Decline, unpair or forget: a fresh server context without its certificate,
+        and its live connections cut at once. The caller restarts the peer listener
+        with the new context (`server_context`)."""
         if forget:
             self.store.forget(node.node_id)
         else:
@@ -164,8 +187,6 @@ class Trust:
         for transport in list(self._connections.pop(node.node_id, ())):
             self._by_connection.pop(transport, None)
             transport.abort()
-        log.info("%s %s (%s)", "forgot" if forget else "unpaired", node.name, node.node_id[:12])
-        self.on_revoked(node.node_id)
 
     def _fresh_server_context(self) -> ssl.SSLContext:
         trusted = [n.cert.encode() for n in self.store.paired() if n.cert]
@@ -173,9 +194,9 @@ class Trust:
 
     # -- the handshake, as initiator ----------------------------------------------------
 
-    async def admit(self, api_url: str) -> TrustedNode:
+    async def admit(self, api_url: str) -> Met:
         """Run the handshake with the node at `api_url`; its entry in the store."""
-        mode, secret = self.mode, self.secret()
+        mode, secret = self.refresh_mode(), self.secret()
         nonce_a = handshake.new_nonce()
         self._own_nonces.add(nonce_a)
         try:
@@ -184,8 +205,8 @@ class Trust:
             self._own_nonces.discard(nonce_a)
 
     async def _admit(
-        self, api_url: str, mode: str, secret: str | None, nonce_a: bytes
-    ) -> TrustedNode:
+        self, api_url: str, mode: ClusterMode, secret: str | None, nonce_a: bytes
+    ) -> Met:
         hello = {
             "mode": mode,
             "node_id": self.identity.node_id,
@@ -228,7 +249,7 @@ class Trust:
     # -- the handshake, as responder ----------------------------------------------------
 
     def hello(self, doc: dict[str, Any]) -> dict[str, Any]:
-        mode, secret = self.mode, self.secret()
+        mode, secret = self.refresh_mode(), self.secret()
         if doc.get("mode") != mode:
             raise HandshakeError(f"cluster mode mismatch: we are {mode}, you are {doc.get('mode')}")
         if mode == "secret" and secret is None:
@@ -266,7 +287,7 @@ class Trust:
             reply["proof"] = _b64(handshake.secret_proof(secret, _RESPONDER, t))
         return reply
 
-    def confirm(self, doc: dict[str, Any], remote_ip: str) -> TrustedNode:
+    def confirm(self, doc: dict[str, Any], remote_ip: str) -> Met:
         mode, secret = self.mode, self.secret()
         nonce_b = _unb64(doc, "nonce")
         pk_a, nonce_a = self._nonces.take(time.monotonic(), nonce_b)
@@ -290,8 +311,8 @@ class Trust:
         cert: str,
         doc: dict[str, Any],
         api_url: str,
-        mode: str,
-    ) -> TrustedNode:
+        mode: ClusterMode,
+    ) -> Met:
         self._check_not_unpaired(node_id)
         was = self.store.state(node_id)
         try:
@@ -309,14 +330,7 @@ class Trust:
             raise HandshakeError(str(exc)) from None
         if node.state is TrustState.PAIRED and was is not TrustState.PAIRED:
             self.server_context.load_verify_locations(cadata=node.cert)
-            log.info("paired with %s (%s) by %s", node.name, node_id[:12], mode)
-        elif node.state is TrustState.PENDING and was is None:
-            log.warning(
-                "pairing request from %s (%s) at %s, code %s: `shoal pair accept %s` if the "
-                "code matches the one shown there",
-                node.name, node.short_id, api_url, node.code, node_id[:12],
-            )  # fmt: skip
-        return node
+        return Met(node, was)
 
     def _check_not_unpaired(self, node_id: str) -> None:
         if self.store.state(node_id) is TrustState.UNPAIRED:
@@ -329,10 +343,7 @@ async def _post(session: aiohttp.ClientSession, url: str, doc: dict[str, Any]) -
     ) as r:
         body = await r.read()
         if r.status != 200:
-            try:
-                reason = orjson.loads(body)["error"]["message"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                reason = f"HTTP {r.status}"
+            reason = error_message(body) or f"HTTP {r.status}"
             raise HandshakeError(f"refused by the other node: {reason}")
         document = orjson.loads(body)
         if not isinstance(document, dict):

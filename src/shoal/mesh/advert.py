@@ -1,0 +1,62 @@
+"""What this node tells its peers about itself: a fresh state snapshot on demand."""
+
+from __future__ import annotations
+
+import time
+
+from shoal import __version__
+from shoal.backends.registry import BackendRegistry
+from shoal.mesh.state import Hardware, Load, ModelAdvert, NodeState
+from shoal.routing.ledger import LoadLedger
+
+
+class OwnState:
+    def __init__(
+        self,
+        node_id: str,
+        name: str,
+        registry: BackendRegistry,
+        ledger: LoadLedger,
+        hardware: Hardware,
+        *,
+        capacity: int,
+    ) -> None:
+        self.node_id = node_id
+        self.name = name
+        self.api_port = 0  # set by the node once it listens
+        self.hardware = hardware
+        self._registry = registry
+        self._ledger = ledger
+        self._capacity = capacity
+        self._seq = 0
+        self._started = time.monotonic()
+
+    def snapshot(self) -> NodeState:
+        """Models held (loaded wins over available), load as the ledger counts it."""
+        self._seq += 1
+        models: dict[str, ModelAdvert] = {}
+        for info, _ in self._registry.models():
+            known = models.get(info.id)
+            models[info.id] = ModelAdvert(
+                id=info.id,
+                loaded=info.loaded or (known is not None and known.loaded),
+                operations=tuple(sorted(info.operations)),
+                size_bytes=info.size_bytes,
+                quantization=info.quantization,
+                context_length=info.context_length,
+            )
+        return NodeState(
+            node_id=self.node_id,
+            name=self.name,
+            version=__version__,
+            api_port=self.api_port,
+            seq=self._seq,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            models=tuple(models.values()),
+            load=Load(
+                in_flight=self._ledger.local_in_flight,
+                queued=self._ledger.queued,
+                capacity=self._capacity,
+            ),
+            hardware=self.hardware,
+        )

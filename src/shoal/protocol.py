@@ -1,0 +1,56 @@
+"""Shoal's wire names in one place: HTTP paths, headers, and reading an error body.
+
+The route table (`shoal.api.app`), the peer links, the admission handshake, the CLI and
+the detector all name paths from here, so a path cannot be spelt two ways.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+# -- the client API (OpenAI's paths) -----------------------------------------------------
+MODELS_PATH = "/v1/models"
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
+
+# -- the operator API --------------------------------------------------------------------
+HEALTHZ_PATH = "/healthz"
+STATUS_PATH = "/shoal/v1/status"
+PEERS_PATH = "/shoal/v1/peers"  # GET: the cluster view; POST: join by address
+SCAN_PATH = "/shoal/v1/peers/scan"
+PAIRS_PATH = "/shoal/v1/pairs"
+PAIR_ACTION_PATH = "/shoal/v1/pairs/{node}/{action}"
+
+# -- node to node ------------------------------------------------------------------------
+HELLO_PATH = "/shoal/v1/trust/hello"  # admission handshake, API port
+CONFIRM_PATH = "/shoal/v1/trust/confirm"
+STATE_PATH = "/shoal/v1/mesh/state"  # heartbeat and push, peer port (mutual TLS)
+GOODBYE_PATH = "/shoal/v1/mesh/goodbye"
+
+# -- headers -----------------------------------------------------------------------------
+HOP_HEADER = "X-Shoal-Hop"  # set on every forwarded request
+NODE_HEADER = "X-Shoal-Node"  # a client pins a node: by name, full ID, or ID prefix
+LOCAL_ONLY_HEADER = "X-Shoal-Local-Only"  # a client forbids forwarding
+SERVED_BY_HEADER = "X-Shoal-Served-By"  # the node that produced the answer
+ROUTE_HEADER = "X-Shoal-Route"  # local, peer or retried
+
+
+def error_message(raw: bytes) -> str | None:
+    """The message of an OpenAI-shaped error body (`{"error": {"message": ...}}`, or the
+    `{"error": "text"}` some servers send); None when the body is not one."""
+    try:
+        document: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    error = document.get("error")
+    if isinstance(error, str):
+        return error
+    if isinstance(error, dict):
+        message = error.get("message")
+        return message if isinstance(message, str) else ""
+    return None
