@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from shoal.cli import cluster
+from shoal.mesh.identity import short_id
 from tests.conftest import MINILM_ID, SMOLLM_ID
-from tests.support import NodeProcess, clean_env, free_port
+from tests.support import NodeProcess, clean_env, free_port, start_node
 
 
-def shoal(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def shoal(home: Path, *args: str, columns: int = 200) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "shoal", *args],
         capture_output=True,
         text=True,
-        env={**clean_env(home), "COLUMNS": "200"},
+        env={**clean_env(home), "COLUMNS": str(columns)},
         timeout=60,
     )
 
@@ -120,3 +126,83 @@ def test_join_peers_and_models_lan(tmp_path: Path) -> None:
         a.stop()
         b.stop()
         fake.close()
+
+
+SHORT_ID = re.compile(r"SHOAL(?:-[A-Z2-7]{4}){3}")
+
+
+def _pair(name: str, address: str, state: str = "pending") -> dict[str, str]:
+    node_id = secrets.token_hex(32)
+    return {"node_id": node_id, "short_id": short_id(node_id), "name": name, "state": state,
+            "address": address, "code": f"{secrets.randbelow(10**6):06d}"}  # fmt: skip
+
+
+def test_pair_list_keeps_ids_codes_and_addresses_whole_at_any_width(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nodes = [
+        _pair("workstation-under-the-stairs-by-the-boiler", "http://127.0.0.1:41235"),
+        _pair("[/bold] [red]not markup", "http://192.168.100.200:11450", "unpaired"),
+        _pair("v6", "http://[fe80::1234:5678:9abc:def0]:11450", "paired"),
+    ]
+    fields = {n[key] for n in nodes for key in ("name", "address")}
+    for width in range(24, 130):
+        screen = io.StringIO()
+        monkeypatch.setattr(cluster, "out", Console(file=screen, width=width))
+        for shown in (nodes[:1], nodes[:2], nodes):
+            cluster._print_pairs(shown, width)
+        text = screen.getvalue()
+        assert "…" not in text, text
+        for n in nodes:
+            assert n["short_id"] in text and n["code"] in text and n["address"] in text, text
+        assert "[/bold]" in text  # a name is shown as it is, never read as markup
+        for line in text.splitlines():  # only a long field on a line of its own overflows
+            assert len(line) <= width or line.strip() in fields, text
+
+
+def test_pairing_by_the_id_pair_list_prints_in_a_narrow_terminal(tmp_path: Path) -> None:
+    """The ID `shoal pair list` prints, read off an 80- or 60-column terminal, is one a
+    user can type back: whole on one line, and accepted by `shoal pair accept`."""
+    pairing = {"SHOAL_CLUSTER__MODE": "pairing"}
+    long_name = "workstation-under-the-stairs-by-the-boiler"  # pushes the other columns
+    a = start_node(tmp_path / "a", "--no-embedded", "--name", "a", wait_backend=None, env=pairing)
+    b = start_node(
+        tmp_path / "b", "--no-embedded", "--name", long_name, wait_backend=None, env=pairing
+    )
+    try:
+        b_id, a_id = short_id(b.status()["node_id"]), short_id(a.status()["node_id"])
+        joined = shoal(tmp_path, "join", b.url, "--url", a.url, "--no-save", columns=80)
+        assert joined.returncode == 0, joined.stderr
+        assert f"`shoal pair accept {b_id}`" in joined.stdout
+
+        for columns in (80, 60):
+            listed = shoal(tmp_path, "pair", "list", "--url", a.url, columns=columns)
+            assert listed.returncode == 0, listed.stderr
+            assert max(map(len, listed.stdout.splitlines())) <= columns, listed.stdout
+            assert SHORT_ID.findall(listed.stdout) == [b_id], listed.stdout
+            assert b.url in listed.stdout, listed.stdout  # the address, whole
+            assert "…" not in listed.stdout and "pending" in listed.stdout
+
+        printed = SHORT_ID.findall(
+            shoal(tmp_path, "pair", "list", "--url", a.url, columns=80).stdout
+        )
+        accepted = shoal(tmp_path, "pair", "accept", printed[0], "--url", a.url, columns=80)
+        assert accepted.returncode == 0, accepted.stderr
+        assert accepted.stdout.strip() == f"accept: {long_name} ({b_id})"
+
+        # The other side, with the ID typed the way people do: lower case, no tag.
+        seen_by_b = shoal(tmp_path, "pair", "list", "--url", b.url, columns=80).stdout
+        assert a_id in seen_by_b and a.url in seen_by_b, seen_by_b
+        typed = a_id.removeprefix("SHOAL-").lower()
+        accepted = shoal(tmp_path, "pair", "accept", typed, "--url", b.url, columns=80)
+        assert accepted.returncode == 0, accepted.stderr
+        assert accepted.stdout.strip() == f"accept: a ({a_id})"
+        listed = json.loads(shoal(tmp_path, "pair", "list", "--json", "--url", a.url).stdout)
+        assert [n["state"] for n in listed["nodes"]] == ["paired"]
+
+        unknown = shoal(tmp_path, "pair", "decline", "no such node", "--url", a.url)
+        assert unknown.returncode == 1
+        assert "no single known node matches" in unknown.stderr
+    finally:
+        a.stop()
+        b.stop()

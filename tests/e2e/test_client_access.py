@@ -16,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import shoal.api.app
 import shoal.node
 from tests.fakes import FakeServer
 from tests.netns.lan import Host, Lan, netns_available
-from tests.support import NodeProcess, clean_env, http, start_node
+from tests.support import NodeProcess, clean_env, http, start_node, wait_for
 
 MODEL = "fake-model"
 
@@ -178,10 +177,12 @@ def test_an_api_key_appears_in_no_log_line_file_or_response(
     assert listed.returncode == 0 and status.returncode == 0
     files = b"".join(p.read_bytes() for p in node.data_dir.rglob("*") if p.is_file())
 
+    # The log has caught up with the requests above (the malformed ones came last) before
+    # it is searched: the refusals were logged, and redacted.
+    wait_for(lambda: "malformed HTTP request" in node.log(), 10, "the refusals in the log")
     for text in (listed.stdout, listed.stderr, status.stdout, node.log()):
         assert tail not in text
     assert tail.encode() not in files
-    assert "malformed HTTP request" in node.log()  # the refusals were logged, redacted
 
 
 # -- a client on a real LAN -------------------------------------------------------------
@@ -251,11 +252,12 @@ def check_lan_access(
 ) -> str:
     """The checks, from the client host; returns the key it made (revoked by the end)."""
     base = f"http://{node_host.ip}:11450"
-    deadline = time.monotonic() + 30
-    while agent.status(base + "/healthz") != 200:  # exempt from keys, not from Host
+
+    def up() -> bool:
         assert node.poll() is None, (home / "node.log").read_text()
-        assert time.monotonic() < deadline, "the node did not come up on the LAN"
-        time.sleep(0.2)
+        return agent.status(base + "/healthz") == 200  # exempt from keys, not from Host
+
+    wait_for(up, 30, "the node to come up on the LAN", interval=0.2)
 
     models = base + "/v1/models"
     assert agent.status(models) == 401

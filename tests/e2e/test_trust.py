@@ -39,10 +39,32 @@ def _models(node: NodeProcess) -> set[str]:
     return {m["id"] for m in get_json(node.url + "/v1/models")["data"]}
 
 
+def _peer_state(node: NodeProcess, node_id: str) -> str | None:
+    """Where `node_id` stands in `node`'s peer table (joining, alive, ...), if it is there."""
+    peers = get_json(node.url + "/shoal/v1/peers")["peers"]
+    return next((p["state"] for p in peers if p["node_id"] == node_id), None)
+
+
+def _join(node: NodeProcess, other: NodeProcess) -> dict[str, Any]:
+    """`shoal join`, through the node's API: a handshake with `other`, run to the end."""
+    status, _, body = http(
+        "POST", node.url + "/shoal/v1/peers", orjson.dumps({"url": other.url}),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    assert status == 200, body
+    return dict(orjson.loads(body))
+
+
 class Pair:
     """Two nodes (a, b) that know each other's address; b holds model "far"."""
 
-    def __init__(self, home: Path, mode: str, secrets: tuple[str | None, str | None]) -> None:
+    def __init__(
+        self,
+        home: Path,
+        mode: str,
+        secrets: tuple[str | None, str | None],
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.fake = FakeServer(["far"]).start()
         ports = {"a": free_port(), "b": free_port()}
         self.nodes: dict[str, NodeProcess] = {}
@@ -56,7 +78,7 @@ class Pair:
             self.nodes[name] = start_node(
                 home / name, *args, port=ports[name], wait_backend=None,
                 env={"SHOAL_CLUSTER__MODE": mode,
-                     "SHOAL_PEERS": json.dumps([f"http://127.0.0.1:{other}"])},
+                     "SHOAL_PEERS": json.dumps([f"http://127.0.0.1:{other}"]), **(env or {})},
             )  # fmt: skip
 
     def close(self) -> None:
@@ -106,19 +128,29 @@ def test_wrong_secret_is_rejected_at_the_handshake(tmp_path: Path, built: list[P
 def test_pairing_needs_both_sides_then_unpair_cuts_a_live_stream(
     tmp_path: Path, built: list[Pair]
 ) -> None:
-    pair = Pair(tmp_path, "pairing", (None, None))
+    # Short heartbeat intervals: a node that fails three is out of the table in ~1 s.
+    pair = Pair(tmp_path, "pairing", (None, None), env={"SHOAL_MESH__NEW_INTERVAL_S": "0.3"})
     built.append(pair)
     a, b = pair.nodes["a"], pair.nodes["b"]
     wait_for(lambda: "b" in _pairs(a) and "a" in _pairs(b), 20, "both to see a pending node")
     a_view, b_view = _pairs(a)["b"], _pairs(b)["a"]
     assert a_view["state"] == b_view["state"] == "pending"
     assert a_view["code"] == b_view["code"]  # the same confirmation code on both sides
-    time.sleep(1.5)  # heartbeats run; nothing may pass while pending
-    assert "far" not in _models(a) and _peers(a) == {}
+    # While pending, meeting again (what discovery and static peers do) runs the whole
+    # handshake, each way, and ends in "pending": nothing may pass.
+    for here, there in ((a, b), (b, a)):
+        assert _join(here, there)["trust"] == "pending"
+    assert "far" not in _models(a) and _peers(a) == {} and _peers(b) == {}
 
-    http("POST", a.url + f"/shoal/v1/pairs/{a_view['node_id']}/accept", b"{}")
-    time.sleep(1.0)
-    assert "far" not in _models(a)  # one side is not enough
+    status, _, _ = http("POST", a.url + f"/shoal/v1/pairs/{a_view['short_id']}/accept", b"{}")
+    assert status == 200
+    # One side is not enough: a heartbeats b, b's TLS refuses a's key, and after enough
+    # refusals b drops out of a's table (it was put in "joining" before accept answered).
+    wait_for(
+        lambda: _peer_state(a, a_view["node_id"]) == "removed", 20, "b to refuse a's heartbeats"
+    )
+    assert "far" not in _models(a)
+    assert _pairs(b)["a"]["state"] == "pending"
     http("POST", b.url + f"/shoal/v1/pairs/{b_view['node_id']}/accept", b"{}")
     wait_for(lambda: "far" in _models(a), 20, "a to list b's model after both accepted")
 

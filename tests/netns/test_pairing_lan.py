@@ -60,7 +60,9 @@ def test_pairing_across_the_lan(lan: Lan, tmp_path: Path) -> None:
             host,
             [sys.executable, "-m", "shoal", "serve", "--lan", "--port", str(PORT),
              "--name", name, "--data-dir", str(tmp_path / name), "--no-detect", *args],
-            env={"XDG_CONFIG_HOME": str(tmp_path / name / "config")},
+            # Short heartbeat intervals: a refused peer is out of the table in ~3 s.
+            env={"XDG_CONFIG_HOME": str(tmp_path / name / "config"),
+                 "SHOAL_MESH__NEW_INTERVAL_S": "1"},
             log=tmp_path / f"{name}.log",
         )  # fmt: skip
     p1, p2 = hosts["p1"], hosts["p2"]
@@ -82,11 +84,24 @@ def test_pairing_across_the_lan(lan: Lan, tmp_path: Path) -> None:
     def p2_models() -> set[str]:
         return {m["id"] for m in shoal(lan, p2, "models", "--lan", "--json")["data"]}
 
-    time.sleep(2)  # heartbeats and adverts go on; while pending, nothing may flow
+    def peer_state(viewer: Host, node_id: str) -> str | None:
+        peers = shoal(lan, viewer, "peers", "--json")["peers"]
+        return next((p["state"] for p in peers if p["node_id"] == node_id), None)
+
+    # While pending, meeting again (what every advert and scan may lead to) runs the
+    # whole handshake across the LAN and ends in "pending": nothing may flow.
+    joined = shoal(lan, p2, "join", f"http://{p1.ip}:{PORT}", "--no-save")
+    assert "pairing requested with p1" in joined, joined
+    assert f"`shoal pair accept {seen_by_p2['short_id']}`" in joined, joined
     assert SMOLLM_ID not in p2_models()
 
-    shoal(lan, p1, "pair", "accept", seen_by_p1["node_id"][:12])
-    shoal(lan, p2, "pair", "accept", seen_by_p2["node_id"][:12])
+    # One side is not enough: p1 accepts (by the ID `shoal pair list` shows) and
+    # heartbeats p2, whose TLS refuses p1's key until p2 drops out of p1's table.
+    shoal(lan, p1, "pair", "accept", seen_by_p1["short_id"])
+    wait_until(lambda: peer_state(p1, seen_by_p1["node_id"]) == "removed", 30, "p2 to refuse p1")
+    assert SMOLLM_ID not in p2_models()
+
+    shoal(lan, p2, "pair", "accept", seen_by_p2["short_id"])
     wait_until(lambda: SMOLLM_ID in p2_models(), 30, "p2 to list p1's model once paired")
     answer = json.loads(lan.exec(p2, [sys.executable, "-c", ASK, SMOLLM_ID], timeout=60).stdout)
     assert answer == {"status": 200, "served_by": "p1"}

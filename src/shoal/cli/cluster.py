@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from shoal import protocol
 from shoal import settings as settings_mod
 from shoal.cli import config_file
 from shoal.cli.common import (
@@ -24,6 +29,7 @@ from shoal.cli.common import (
     out,
 )
 from shoal.errors import ConfigError
+from shoal.mesh.identity import short_id
 from shoal.trust import secret as secret_mod
 
 token_app = typer.Typer(help="The cluster secret (secret mode).", no_args_is_help=True)
@@ -50,12 +56,12 @@ def peers(
 ) -> None:
     """Show the cluster as this node sees it: peers, health, models, load, hardware."""
     if scan:
-        found = node_post(url, config, "/shoal/v1/peers/scan", {})["found"]
+        found = node_post(url, config, protocol.SCAN_PATH, {})["found"]
         if not as_json:
             out.print(f"scan found {len(found)} node(s)", highlight=False)
         if save:
             _save_peers(config, [f["url"] for f in found])
-    document = node_get(url, config, "/shoal/v1/peers")
+    document = node_get(url, config, protocol.PEERS_PATH)
     if as_json:
         out.print_json(json.dumps(document))
         return
@@ -97,14 +103,16 @@ def join(
         if not token.startswith(secret_mod.PREFIX):
             raise fail(f"a cluster token starts with {secret_mod.PREFIX}", 2)
         secret_mod.write_secret(_data_dir(config, data_dir), token)
-    joined = node_post(url, config, "/shoal/v1/peers", {"url": peer_url})
-    who = f"{joined['name']} ({joined['node_id'][:12]}) at {joined['url']}"
+    joined = node_post(url, config, protocol.PEERS_PATH, {"url": peer_url})
+    their_id = short_id(joined["node_id"])
+    who = escape(f"{joined['name']} ({their_id}) at {joined['url']}")
     if joined["trust"] == "pending":
         out.print(
             f"pairing requested with {who}. Confirmation code [bold]{joined['code']}[/bold]: "
-            f"if {joined['name']} shows the same code, accept there and here "
-            f"(`shoal pair accept {joined['node_id'][:12]}`).",
+            f"if {escape(joined['name'])} shows the same code, accept there and here "
+            f"(`shoal pair accept {their_id}`).",
             highlight=False,
+            soft_wrap=True,  # the terminal wraps it: no line break inside the command
         )
     else:
         out.print(f"joined {who}", highlight=False)
@@ -145,23 +153,57 @@ def token_rotate(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
 @pair_app.command("list")
 def pair_list(url: UrlOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Nodes met: pending (waiting for your decision), paired, unpaired."""
-    document = node_get(url, config, "/shoal/v1/pairs")
+    document = node_get(url, config, protocol.PAIRS_PATH)
     if as_json:
         out.print_json(json.dumps(document))
         return
     out.print(f"cluster mode: {document['mode']}", highlight=False)
-    table = Table("name", "id", "state", "confirmation code", "address")
-    for n in document["nodes"]:
-        table.add_row(n["name"], n["short_id"], n["state"], n["code"], n["address"])
+    _print_pairs(document["nodes"], out.width)
+
+
+# `shoal pair list`: the ID and the code are what people type and compare, and the
+# address is where to check who it is, so none of them may wrap or be cut short. As a
+# table while they fit on one line beside a name of _NAME_ROOM columns (the name folds);
+# in a narrower terminal, each node as a short block of lines instead.
+_ID_WIDTH = len("SHOAL-XXXX-XXXX-XXXX")
+_GAP = 2  # columns between two columns of the table: its padding and its blank rule
+_NAME_ROOM = 10
+
+
+def _print_pairs(nodes: list[dict[str, str]], width: int) -> None:
+    def widest(key: str) -> int:
+        return max([len(key), *(len(n[key]) for n in nodes)])
+
+    fixed = _ID_WIDTH + widest("state") + widest("code") + widest("address") + 4 * _GAP
+    if width - fixed < min(widest("name"), _NAME_ROOM):
+        for n in nodes:
+            lines = (n["name"], f"  {n['short_id']}", f"  {n['state']}, code {n['code']}",
+                     f"  {n['address']}")  # fmt: skip
+            out.print(Text("\n".join(lines)), soft_wrap=True)
+        return
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("name", overflow="fold")
+    table.add_column("id", no_wrap=True, min_width=_ID_WIDTH)
+    for key in ("state", "code", "address"):
+        table.add_column(key, no_wrap=True)
+    for n in nodes:  # as Text: a name is the other node's choice, never markup
+        table.add_row(*(Text(n[k]) for k in ("name", "short_id", "state", "code", "address")))
     out.print(table)
 
 
 def _pair_action(action: str, node: str, url: str | None, config: Path | None) -> None:
-    done = node_post(url, config, f"/shoal/v1/pairs/{node}/{action}", {})
-    out.print(f"{action}: {done['name']} ({done['node_id'][:12]})", highlight=False)
+    path = protocol.PAIR_ACTION_PATH.format(node=urllib.parse.quote(node, safe=""), action=action)
+    done = node_post(url, config, path, {})
+    out.print(Text(f"{action}: {done['name']} ({short_id(done['node_id'])})"))
 
 
-NodeArg = Annotated[str, typer.Argument(help="Node ID, ID prefix (8+ characters) or name.")]
+NodeArg = Annotated[
+    str,
+    typer.Argument(
+        help="Short ID (SHOAL-…, as `shoal pair list` shows it), node ID, its "
+        "first 8+ hex digits, or name."
+    ),
+]
 
 
 @pair_app.command("accept")

@@ -25,6 +25,9 @@ from shoal.mesh.identity import short_id
 STORE_FILE = "trust.json"
 MAX_PENDING = 32
 NEW_PENDING_PER_MINUTE = 10
+# Hex digits a typed ID prefix needs: 32 bits, too many for another node to share by
+# chance or to match cheaply on purpose.
+MIN_ID_PREFIX = 8
 
 
 class TrustState(StrEnum):
@@ -97,12 +100,26 @@ class TrustStore:
         return [n for n in self._nodes.values() if n.state is TrustState.PAIRED]
 
     def find(self, key: str) -> TrustedNode | None:
-        """By full ID, ID prefix (8+ characters) or name; None unless exactly one fits."""
-        exact = [n for n in self._nodes.values() if key in (n.node_id, n.name)]
-        if len(exact) == 1:
-            return exact[0]
-        fits = [n for n in self._nodes.values() if len(key) >= 8 and n.node_id.startswith(key)]
-        return fits[0] if len(fits) == 1 else None
+        """The one node `key` names; None if it names none, or several.
+
+        `key` is any form the CLI prints or a person types: the node ID, its short form
+        (`SHOAL-XXXX-XXXX-XXXX`, any case, the `SHOAL-` tag and the dashes optional), the
+        first MIN_ID_PREFIX or more hex digits of the ID (any case), or the node's name.
+        A whole ID outranks a prefix of another node's ID. A name outranks nothing: the
+        other node chose it, and a name made to look like another node's ID must not
+        capture that ID, so a key that is one node's name and fits another's ID names
+        neither. A key written as a whole ID (64 hex digits, or the tagged short form)
+        is never read as a name.
+        """
+        wanted = _Key.parse(key)
+        whole = {n.node_id: n for n in self._nodes.values() if wanted.is_id_of(n)}
+        named = {n.node_id: n for n in self._nodes.values() if wanted.is_name_of(n)}
+        if whole:
+            fits = whole | named
+        else:
+            prefixed = {n.node_id: n for n in self._nodes.values() if wanted.prefixes(n)}
+            fits = named | prefixed
+        return next(iter(fits.values())) if len(fits) == 1 else None
 
     # -- changing -----------------------------------------------------------------------
 
@@ -161,3 +178,59 @@ class TrustStore:
         os.chmod(temp, 0o600)
         os.replace(temp, self.path)
         self._mtime = self.path.stat().st_mtime
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+_BASE32_DIGITS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+_SHORT_TAG = "SHOAL"
+_SHORT_DIGITS = 12  # base32 digits in a short ID: 60 bits, see identity.short_id
+_NODE_ID_DIGITS = 64  # hex digits of a SHA-256
+
+
+def _short_digits(node_id: str) -> str:
+    """The 12 base32 digits of a node's short ID, without the tag and the dashes."""
+    return short_id(node_id).removeprefix(_SHORT_TAG + "-").replace("-", "")
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What a key typed by a person could mean; None for each reading it cannot have."""
+
+    node_id: str | None  # all 64 hex digits, lower case
+    short: str | None  # the short ID's 12 base32 digits, upper case
+    prefix: str | None  # MIN_ID_PREFIX to 63 hex digits, lower case
+    name: str | None  # None when the key is written as a whole ID
+
+    @classmethod
+    def parse(cls, key: str) -> _Key:
+        text = key.strip()
+        if not text:
+            return cls(None, None, None, None)
+        lower, squeezed = text.lower(), text.upper().replace("-", "")
+        is_hex = set(lower) <= _HEX_DIGITS
+        if is_hex and len(lower) == _NODE_ID_DIGITS:
+            return cls(lower, None, None, None)
+        tagged = squeezed.startswith(_SHORT_TAG) and _is_short(squeezed[len(_SHORT_TAG) :])
+        if tagged:
+            return cls(None, squeezed[len(_SHORT_TAG) :], None, None)
+        return cls(
+            None,
+            squeezed if _is_short(squeezed) else None,
+            lower if is_hex and MIN_ID_PREFIX <= len(lower) < _NODE_ID_DIGITS else None,
+            text,
+        )
+
+    def is_id_of(self, node: TrustedNode) -> bool:
+        if self.node_id is not None:
+            return node.node_id == self.node_id
+        return self.short is not None and _short_digits(node.node_id) == self.short
+
+    def is_name_of(self, node: TrustedNode) -> bool:
+        return self.name is not None and node.name == self.name
+
+    def prefixes(self, node: TrustedNode) -> bool:
+        return self.prefix is not None and node.node_id.startswith(self.prefix)
+
+
+def _is_short(digits: str) -> bool:
+    return len(digits) == _SHORT_DIGITS and set(digits) <= _BASE32_DIGITS
