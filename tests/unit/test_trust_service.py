@@ -1,0 +1,71 @@
+"""`Trust`: the mode held as state, the handshake's refusals, revoking. No network."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal.mesh import identity
+from shoal.settings import Settings
+from shoal.trust import secret as secret_mod
+from shoal.trust.handshake import HandshakeError
+from shoal.trust.service import Trust
+
+
+def trust_in(home: Path, **settings: Any) -> Trust:
+    config = Settings(data_dir=home, **settings)
+    return Trust(identity.load_or_create(home), config, peer_port=0)
+
+
+def test_the_mode_follows_config_then_the_secret_then_the_bind_address(tmp_path: Path) -> None:
+    assert trust_in(tmp_path / "a").mode == "open"  # loopback: nothing else can reach it
+    assert trust_in(tmp_path / "b", lan=True).mode == "pairing"
+    assert trust_in(tmp_path / "c", lan=True, cluster={"mode": "open"}).mode == "open"
+    secret_mod.write_secret(tmp_path / "d", secret_mod.new_secret())
+    assert trust_in(tmp_path / "d", lan=True).mode == "secret"
+
+
+def test_the_mode_is_state_read_again_only_when_refreshed(tmp_path: Path) -> None:
+    trust = trust_in(tmp_path, lan=True)
+    assert trust.mode == "pairing"
+    secret_mod.write_secret(tmp_path, secret_mod.new_secret())  # `shoal token create`
+    assert trust.mode == "pairing"  # the request path reads no file
+    assert trust.refresh_mode() == "secret"
+    assert trust.mode == "secret"
+    assert trust.advert()["m"] == "secret"
+    assert len(trust.advert()["fp"]) == 8
+
+
+def test_a_hello_in_another_mode_is_refused_with_the_reason(tmp_path: Path) -> None:
+    trust = trust_in(tmp_path / "a", lan=True)
+    other = trust_in(tmp_path / "b", lan=True, cluster={"mode": "open"})
+    hello = {"mode": other.mode, "node_id": other.identity.node_id}
+    with pytest.raises(HandshakeError, match="cluster mode mismatch"):
+        trust.hello(hello)
+
+
+def test_a_hello_from_our_own_key_is_a_copied_data_dir(tmp_path: Path) -> None:
+    trust = trust_in(tmp_path)
+
+    hello = {
+        "mode": trust.mode,
+        "node_id": trust.identity.node_id,
+        "name": "the copy",
+        "public_key": base64.b64encode(trust.identity.public_key).decode(),
+        "nonce": base64.b64encode(b"n" * 32).decode(),
+        "cert": trust.cert.decode(),
+    }
+    with pytest.raises(HandshakeError, match="copied data dir"):
+        trust.hello(hello)
+    assert trust.duplicate_seen_at == "the copy"
+
+
+def test_a_confirm_for_no_hello_is_refused(tmp_path: Path) -> None:
+
+    trust = trust_in(tmp_path)
+    confirm = {"nonce": base64.b64encode(b"x" * 32).decode(), "signature": ""}
+    with pytest.raises(HandshakeError, match="unknown, expired or replayed"):
+        trust.confirm(confirm, "127.0.0.1")
