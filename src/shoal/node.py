@@ -174,12 +174,14 @@ class Node:
 
     def _subscribe(self) -> None:
         bus = self.bus
-        for kind in (BackendUp, BackendDown, BackendModelsChanged):
-            bus.subscribe(kind, lambda event: self.peers.changed())
+        for changed in (BackendUp, BackendDown, BackendModelsChanged):
+            bus.subscribe(changed, lambda event: self.peers.changed())
         bus.subscribe(LoadChanged, self._load_changed)
         bus.subscribe(TrustChanged, self._trust_changed)
         bus.subscribe(PeerJoined, lambda event: self._first_peer.set())
-        bus.subscribe(Event, _log_event)
+        # The log hears membership, trust and backend changes, never the request path.
+        for logged in (PeerEvent, TrustChanged, BackendUp, BackendDown):
+            bus.subscribe(logged, _log_event)
         if log.isEnabledFor(logging.DEBUG):
             bus.subscribe(RequestFinished, _log_request)
 
