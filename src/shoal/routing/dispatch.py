@@ -106,7 +106,7 @@ class Dispatcher:
         except ShoalError as exc:
             status = exc.status
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):  # the client went away
             outcome, status = "cancelled", _CLIENT_GONE
             raise
         finally:
