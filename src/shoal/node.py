@@ -279,7 +279,8 @@ class Node:
                 )
                 group.create_task(mdns.run())
             try:
-                await asyncio.wait_for(self._first_peer.wait(), self.settings.mesh.scan_after_s)
+                async with asyncio.timeout(self.settings.mesh.scan_after_s):
+                    await self._first_peer.wait()
             except TimeoutError:
                 log.info(
                     "no peer found by mDNS in %.0f s: scanning the local /24",

@@ -53,7 +53,8 @@ class Views:
         entries = list(self._registry.entries())
         probes = asyncio.gather(*(self._registry.probe(e) for e in entries))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(probes, REFRESH_TIMEOUT_S)
+            async with asyncio.timeout(REFRESH_TIMEOUT_S):
+                await probes
         return {
             "name": self.name,
             "node_id": self.node_id,

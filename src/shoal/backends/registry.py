@@ -178,8 +178,9 @@ class BackendRegistry:
                 await asyncio.gather(*(self.probe(e) for e in due))
             soonest = min((e.next_probe for e in self._entries.values()), default=now + 60)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.05, soonest - time.monotonic()))
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see Peers._heartbeats
+                async with asyncio.timeout(max(0.05, soonest - time.monotonic())):
+                    await self._wake.wait()
 
     async def aclose(self) -> None:
         await asyncio.gather(*(e.backend.aclose() for e in self._entries.values()))

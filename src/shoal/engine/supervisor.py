@@ -196,11 +196,12 @@ class EngineBackend:
     async def _watch(self, process: asyncio.subprocess.Process) -> str:
         misses = 0
         while True:
-            try:
-                await asyncio.wait_for(process.wait(), self._settings.health_interval_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+            # arrives as the child exits, and run() would outlive its shutdown.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._settings.health_interval_s):
+                    await process.wait()
                 return _exit_reason(process.returncode, "")
-            except TimeoutError:
-                pass
             try:
                 timeout = max(HEALTH_TIMEOUT_MIN_S, 2 * self._settings.health_interval_s)
                 health = await self._transport.get_json("/health", timeout)
@@ -222,7 +223,8 @@ class EngineBackend:
             if process.stdin is not None:
                 process.stdin.close()
             try:
-                await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+                async with asyncio.timeout(STOP_GRACE_S):  # not wait_for: see _watch
+                    await process.wait()
             except TimeoutError:
                 process.kill()
                 await process.wait()

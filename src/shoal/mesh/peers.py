@@ -198,8 +198,11 @@ class Peers:
             next_due = self.membership.next_due()
             sleep = 60.0 if next_due is None else max(0.01, next_due - time.monotonic())
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives as the wait ends, and the node would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), sleep)
+                async with asyncio.timeout(sleep):
+                    await self._wake.wait()
 
     async def _beat(self, peer_id: str) -> None:
         """One state exchange (a heartbeat or a push); its result goes to `Membership`."""

@@ -106,7 +106,8 @@ class Admission:
         address), or None when no Shoal node answered or the handshake failed.
         """
         try:
-            met = await asyncio.wait_for(self.trust.admit(address), timeout_s or self._timeout_s)
+            async with asyncio.timeout(timeout_s or self._timeout_s):
+                met = await self.trust.admit(address)
         except HandshakeError as exc:
             log.warning("cannot join the node at %s: %s", address, exc)
             return None
