@@ -116,6 +116,7 @@ def test_join_peers_and_models_lan(tmp_path: Path) -> None:
         assert (peer["name"], peer["health"]) == ("b", "healthy")
         table = shoal(tmp_path, "peers", "--url", a.url)
         assert "far-model" in table.stdout and "healthy" in table.stdout
+        assert peer["short_id"] in table.stdout  # the ID `shoal pair` takes, whole
 
         nobody = shoal(
             tmp_path, "join", f"http://127.0.0.1:{free_port()}", "--url", a.url, "--no-save"

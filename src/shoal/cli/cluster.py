@@ -72,11 +72,11 @@ def peers(
         hardware = p["hardware"] or {}
         seen = p["last_seen_s_ago"]
         table.add_row(
-            p["name"] or "?",
-            p["node_id"][:12],
-            p["address"],
+            Text(p["name"] or "?"),  # a peer's name and models are its own: never markup
+            Text(p.get("short_id") or p["node_id"][:12], no_wrap=True),
+            Text(p["address"]),
             f"[{colour}]{p['health']}[/{colour}]",
-            ", ".join(m["id"] for m in p["models"]),
+            Text(", ".join(m["id"] for m in p["models"])),
             f"{load.get('in_flight', 0)}/{load.get('capacity', '?')}" if load else "",
             f"{hardware.get('cores', '?')} cores, {human_size(hardware.get('ram_bytes'))}"
             if hardware
