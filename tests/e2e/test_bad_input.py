@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from tests.conftest import SMOLLM_ID
-from tests.support import NodeProcess, http
+from tests.support import NodeProcess, http, openai_client
 
 pytestmark = pytest.mark.engine
 
@@ -138,7 +138,7 @@ def test_chunked_oversize_body_is_a_413(engine_node: NodeProcess) -> None:
 
 
 def test_node_still_serves_after_bad_input(engine_node: NodeProcess) -> None:
-    client = openai.OpenAI(base_url=engine_node.url + "/v1", api_key="x", max_retries=0)
+    client = openai_client(engine_node.url)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
             model=SMOLLM_ID, messages=[{"role": "user", "content": "hi"}], temperature=9

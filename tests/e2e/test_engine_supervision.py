@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from tests.conftest import SMOLLM_ID
-from tests.support import NodeProcess, get_json, start_node, wait_for
+from tests.support import NodeProcess, get_json, openai_client, start_node, wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -25,7 +25,7 @@ def _engine(node: NodeProcess) -> dict[str, object]:
 
 
 def _client(node: NodeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="x", max_retries=0)
+    return openai_client(node.url)
 
 
 @pytest.fixture

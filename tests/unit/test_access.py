@@ -27,8 +27,6 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from multidict import CIMultiDict
 
-from shoal.api import access
-from shoal.mesh import interfaces as interfaces_mod
 from shoal.api.access import (
     HEADER_LIMITS,
     MachineHosts,
@@ -43,6 +41,7 @@ from shoal.api.access import (
 from shoal.api.app import ROUTES, audience_of, build_app
 from shoal.api.audience import Audience, Caller
 from shoal.errors import Forbidden
+from shoal.mesh import interfaces as interfaces_mod
 from shoal.settings import Settings
 from shoal.trust.keys import KeyStore
 
