@@ -248,14 +248,17 @@ class EventBus:
 
     def wants(self, kind: type[Event]) -> bool:
         """Whether anyone listens for `kind`: skip building an event nobody reads."""
-        return bool(self._for(kind))
+        handlers = self._resolved.get(kind)
+        return bool(self._resolve(kind) if handlers is None else handlers)
 
     def publish(self, event: Event) -> None:
-        for handler in self._for(type(event)):
+        kind = type(event)
+        handlers = self._resolved.get(kind)  # inline, not a call: this is the request path
+        for handler in self._resolve(kind) if handlers is None else handlers:
             try:
                 handler(event)
             except Exception:
-                log.exception("an observer of %s failed", type(event).__name__)
+                log.exception("an observer of %s failed", kind.__name__)
 
     def subscription(self, kind: type[E], maxsize: int = 1024) -> Subscription[E]:
         """A bounded queue of events of `kind` (`Event`: all), for an async consumer."""
@@ -263,13 +266,11 @@ class EventBus:
         sub._unsubscribe = self.subscribe(kind, sub._put)
         return sub
 
-    def _for(self, kind: type[Event]) -> tuple[Callable[[Event], None], ...]:
-        handlers = self._resolved.get(kind)
-        if handlers is None:
-            handlers = tuple(
-                h for base in kind.__mro__ if base in self._handlers for h in self._handlers[base]
-            )
-            self._resolved[kind] = handlers
+    def _resolve(self, kind: type[Event]) -> tuple[Callable[[Event], None], ...]:
+        handlers = tuple(
+            h for base in kind.__mro__ if base in self._handlers for h in self._handlers[base]
+        )
+        self._resolved[kind] = handlers
         return handlers
 
 

@@ -38,7 +38,7 @@ from shoal.api.access import (
     peer_port_caller,
     redact,
 )
-from shoal.api.app import ROUTES, audience_of, build_app
+from shoal.api.app import ROUTES, build_app
 from shoal.api.audience import Audience, Caller
 from shoal.errors import Forbidden
 from shoal.mesh import interfaces as interfaces_mod
@@ -302,7 +302,7 @@ async def test_the_middleware_itself_refuses_missing_or_repeated_host(
         lan_settings(tmp_path),
         keys,
         lambda: set(),
-        audience_of=audience_of(ROUTES),
+        audience_of=lambda request: Audience.CLIENT,
         caller_of=lambda request: Caller(loopback=True, peer_port=False, peer=None),
         cluster_mode=lambda: "pairing",
     )

@@ -186,13 +186,17 @@ def peer_port_caller(
     """Describe a request's caller: its address, and on the mutual-TLS peer port, the
     paired node its certificate proves (`peer_of_connection`, the trust service's)."""
 
+    # On the API port a caller is one of two: no need to make one per request.
+    local, lan = Caller(True, False, None), Caller(False, False, None)
+
     def caller_of(request: web.Request) -> Caller:
         transport = request.transport
-        tls = isinstance(transport, asyncio.Transport) and bool(
-            transport.get_extra_info("ssl_object")
-        )
-        peer = peer_of_connection(transport) if tls else None  # type: ignore[arg-type]
-        return Caller(loopback=is_loopback(request.remote), peer_port=tls, peer=peer)
+        loopback = is_loopback(request.remote)
+        if not (
+            isinstance(transport, asyncio.Transport) and transport.get_extra_info("ssl_object")
+        ):
+            return local if loopback else lan
+        return Caller(loopback, peer_port=True, peer=peer_of_connection(transport))
 
     return caller_of
 

@@ -48,19 +48,21 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def audience_of(routes: tuple[Route, ...]) -> Callable[[web.Request], Audience]:
-    """The audience of the route a request resolved to. Matched on the route aiohttp
-    resolved, not the raw path, so no spelling of a URL reaches another route's
-    audience; an unknown path or method needs what the client API needs."""
-    table: dict[tuple[str, str], Audience] = {(r.path, r.method): r.audience for r in routes}
+def audience_of(
+    routes: tuple[Route, ...], router: web.UrlDispatcher
+) -> Callable[[web.Request], Audience]:
+    """The audience of the route a request resolved to, by the route object aiohttp
+    resolved (not the raw path, so no spelling of a URL reaches another route's
+    audience); an unknown path or method needs what the client API needs."""
+    declared: dict[tuple[str, str], Audience] = {(r.path, r.method): r.audience for r in routes}
+    table: dict[web.AbstractRoute, Audience] = {}
+    for route in router.routes():
+        method = "GET" if route.method == "HEAD" else route.method
+        if route.resource is not None and (route.resource.canonical, method) in declared:
+            table[route] = declared[(route.resource.canonical, method)]
 
     def lookup(request: web.Request) -> Audience:
-        route = request.match_info.route
-        resource = route.resource
-        if resource is None:
-            return CLIENT
-        method = "GET" if route.method == "HEAD" else route.method
-        return table.get((resource.canonical, method), CLIENT)
+        return table.get(request.match_info.route, CLIENT)
 
     return lookup
 
@@ -77,24 +79,23 @@ def build_app(
 ) -> web.Application:
     """The application; the caller adds the services under `shoal.api.services` keys."""
     app = web.Application(
-        middlewares=[
-            errors_middleware,
-            access_middleware(
-                settings,
-                keys,
-                own_hosts,
-                audience_of=audience_of(routes),
-                caller_of=caller_of,
-                cluster_mode=cluster_mode,
-            ),
-        ],
-        client_max_size=settings.limits.max_body_bytes,
+        middlewares=[errors_middleware], client_max_size=settings.limits.max_body_bytes
     )
     for route in routes:
         if route.method == "GET":
             app.router.add_get(route.path, route.handler)  # HEAD too, as aiohttp does
         else:
             app.router.add_route(route.method, route.path, route.handler)
+    app.middlewares.append(  # after the routes: it looks their audiences up by route
+        access_middleware(
+            settings,
+            keys,
+            own_hosts,
+            audience_of=audience_of(routes, app.router),
+            caller_of=caller_of,
+            cluster_mode=cluster_mode,
+        )
+    )
 
     async def stamp(request: web.Request, response: web.StreamResponse) -> None:
         response.headers.setdefault(p.SERVED_BY_HEADER, served_by)

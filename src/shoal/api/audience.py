@@ -53,18 +53,16 @@ class Verdict(StrEnum):
 
 def decide(audience: Audience, caller: Caller, mode: ClusterMode) -> Verdict:
     """What to do with a request for a route of `audience` from `caller`."""
+    # `is` chains, not `match`: this runs on every request.
     if caller.peer_port and caller.peer is None:
         return Verdict.NOT_PAIRED
-    match audience:
-        case Audience.PUBLIC:
+    if audience is Audience.CLIENT:
+        if caller.peer is not None or caller.loopback or mode == "open":
             return Verdict.ALLOW
-        case Audience.PEER:
-            return Verdict.ALLOW if caller.peer is not None else Verdict.PEER_ONLY
-        case Audience.LOCAL:
-            # A paired node on this machine is still a node, not the operator.
-            local = caller.loopback and not caller.peer_port
-            return Verdict.ALLOW if local else Verdict.LOCAL_ONLY
-        case Audience.CLIENT:
-            if caller.peer is not None or caller.loopback or mode == "open":
-                return Verdict.ALLOW
-            return Verdict.NEED_KEY
+        return Verdict.NEED_KEY
+    if audience is Audience.PUBLIC:
+        return Verdict.ALLOW
+    if audience is Audience.PEER:
+        return Verdict.ALLOW if caller.peer is not None else Verdict.PEER_ONLY
+    # LOCAL: a paired node on this machine is still a node, not the operator.
+    return Verdict.ALLOW if caller.loopback and not caller.peer_port else Verdict.LOCAL_ONLY

@@ -9,7 +9,6 @@ backends) is published as `LoadChanged`, the same figure the advert carries.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Literal
 
 from shoal.events import EventBus, LoadChanged
@@ -38,9 +37,10 @@ class Slot:
 class LoadLedger:
     def __init__(self, bus: EventBus) -> None:
         self._bus = bus
-        self._backends: Counter[str] = Counter()  # by local backend name
-        self._peers: Counter[str] = Counter()  # by peer node ID: sent there, not yet done
-        self._models: Counter[str] = Counter()  # by model name as served, local and sent
+        # Plain dicts (half the cost of Counter's): this runs twice per request.
+        self._backends: dict[str, int] = {}  # by local backend name
+        self._peers: dict[str, int] = {}  # by peer node ID: sent there, not yet done
+        self._models: dict[str, int] = {}  # by model name as served, local and sent
         self._local = 0
         self.requests = 0  # requests this node is handling, wherever they are served
         self.queued = 0  # requests waiting for a slot (the scheduler, issue 11, fills it)
@@ -59,13 +59,15 @@ class LoadLedger:
         self.requests -= 1
 
     def _add(self, where: Where, key: str, model: str, delta: int) -> None:
-        self._models[model] += delta
+        models = self._models
+        models[model] = models.get(model, 0) + delta
         if where == "local":
-            self._backends[key] += delta
+            backends = self._backends
+            backends[key] = backends.get(key, 0) + delta
             self._local += delta
             self._bus.publish(LoadChanged(self._local, self.queued))
         else:
-            self._peers[key] += delta
+            self._peers[key] = self._peers.get(key, 0) + delta
 
     # -- reading -------------------------------------------------------------------------
 
@@ -75,17 +77,17 @@ class LoadLedger:
         return self._local
 
     def backend(self, name: str) -> int:
-        return self._backends[name]
+        return self._backends.get(name, 0)
 
     def peer(self, peer_id: str) -> int:
         """Requests this node has sent to `peer_id` that are not finished yet.
 
         The peer's last snapshot does not count them yet: routing adds the two.
         """
-        return self._peers[peer_id]
+        return self._peers.get(peer_id, 0)
 
     def model(self, name: str) -> int:
-        return self._models[name]
+        return self._models.get(name, 0)
 
     def statistics(self) -> dict[str, object]:
         return {
