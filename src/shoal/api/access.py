@@ -215,7 +215,7 @@ def access_middleware(
     Put it after `errors_middleware` (which formats what it raises). `audience_of` gives
     the audience the matched route declares; `caller_of` describes the caller
     (`peer_port_caller`); `cluster_mode` is read per request (the trust service's mode,
-    which follows `shoal token create` without a restart).
+    held as state: no file is read on the request path).
     """
     configured = {h for entry in settings.cluster.allowed_hosts if (h := host_of(entry))}
     refused_hosts: set[str] = set()

@@ -69,7 +69,7 @@ class Views:
             "backends": [self._backend(entry) for entry in self._registry.entries()],
             "models": sorted({info.id for info, _ in self._registry.models()}),
             "peers": len(self._peers.routable()),
-            "cluster_mode": self._admission.trust.mode,
+            "cluster_mode": self._admission.trust.refresh_mode(),
             "duplicate_id_seen_from": self._admission.trust.duplicate_seen_at,
         }
 
