@@ -31,7 +31,6 @@ from shoal.backends.http import PROBE_ERRORS
 from shoal.backoff import Backoff
 from shoal.errors import NotFound
 from shoal.events import EventBus, TrustChanged
-from shoal.mesh.identity import short_id
 from shoal.mesh.membership import Source
 from shoal.mesh.state import ProtocolError
 from shoal.trust.handshake import HandshakeError
@@ -85,9 +84,6 @@ class Admission:
     @property
     def node_id(self) -> str:
         return self.trust.identity.node_id
-
-    def is_trusted(self, node_id: str) -> bool:
-        return self.trust.is_paired(node_id)
 
     def pairs(self) -> list[TrustedNode]:
         """Every node met, for the operator (the store is re-read if edited by hand)."""
@@ -219,8 +215,3 @@ class Admission:
             if pending:
                 failures += 1
                 await asyncio.sleep(STATIC_RETRY.delay(failures))
-
-
-def describe(node: TrustedNode) -> str:
-    """A node as people see it in the log: name and short ID."""
-    return f"{node.name or '?'} ({short_id(node.node_id)})"
