@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from shoal.errors import ConfigError
 from shoal.mesh.membership import Timing
+from shoal.mesh.state import MAX_NAME_CHARS, ProtocolError, checked_name
 from shoal.routing.rank import Strategy
 
 # The liveness timers' defaults and their reasons live with the state machine that uses
@@ -200,7 +201,10 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
     )
 
-    name: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "shoal")
+    # What peers and operators see; 1-64 printable characters, as peers check it too.
+    name: str = Field(
+        default_factory=lambda: socket.gethostname().split(".")[0][:MAX_NAME_CHARS] or "shoal"
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     lan: bool = False
@@ -218,6 +222,14 @@ class Settings(BaseSettings):
 
     # Set by `load`, not by the user: where the file values came from.
     config_path: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, name: str) -> str:
+        try:
+            return checked_name(name)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("peers")
     @classmethod

@@ -293,3 +293,17 @@ def test_default_config_path_without_xdg(tmp_path: Path, monkeypatch: pytest.Mon
     assert settings_mod.default_config_path() == tmp_path / "home" / ".config" / "shoal" / (
         "config.toml"
     )
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 65, "two\nlines", "bell\x07", "esc\x1b[2J"])
+def test_a_node_name_peers_would_refuse_is_refused_here_first(name: str) -> None:
+    with pytest.raises(ConfigError, match="name"):
+        load(None, name=name, environ=False)
+
+
+def test_a_node_name_is_stripped_and_the_hostname_default_fits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load(None, name="  kitchen  ", environ=False).name == "kitchen"
+    monkeypatch.setattr(settings_mod.socket, "gethostname", lambda: "h" * 100 + ".lan")
+    assert load(None, environ=False).name == "h" * 64

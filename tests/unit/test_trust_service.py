@@ -10,6 +10,7 @@ import pytest
 
 from shoal.mesh import identity
 from shoal.settings import Settings
+from shoal.trust import handshake
 from shoal.trust import secret as secret_mod
 from shoal.trust.handshake import HandshakeError
 from shoal.trust.service import Trust
@@ -18,6 +19,20 @@ from shoal.trust.service import Trust
 def trust_in(home: Path, **settings: Any) -> Trust:
     config = Settings(data_dir=home, **settings)
     return Trust(identity.load_or_create(home), config, peer_port=0)
+
+
+def hello_from(trust: Trust, name: str = "other") -> dict[str, object]:
+    """A well-formed hello as `trust`'s node would send it."""
+    return handshake.Hello(
+        mode=trust.mode,
+        node_id=trust.identity.node_id,
+        name=name,
+        public_key=trust.identity.public_key,
+        cert=trust.cert.decode(),
+        api_port=11450,
+        peer_port=11451,
+        nonce=b"n" * 32,
+    ).wire()
 
 
 def test_the_mode_follows_config_then_the_secret_then_the_bind_address(tmp_path: Path) -> None:
@@ -42,30 +57,24 @@ def test_the_mode_is_state_read_again_only_when_refreshed(tmp_path: Path) -> Non
 def test_a_hello_in_another_mode_is_refused_with_the_reason(tmp_path: Path) -> None:
     trust = trust_in(tmp_path / "a", lan=True)
     other = trust_in(tmp_path / "b", lan=True, cluster={"mode": "open"})
-    hello = {"mode": other.mode, "node_id": other.identity.node_id}
     with pytest.raises(HandshakeError, match="cluster mode mismatch"):
-        trust.hello(hello)
+        trust.hello(hello_from(other))
 
 
 def test_a_hello_from_our_own_key_is_a_copied_data_dir(tmp_path: Path) -> None:
     trust = trust_in(tmp_path)
 
-    hello = {
-        "mode": trust.mode,
-        "node_id": trust.identity.node_id,
-        "name": "the copy",
-        "public_key": base64.b64encode(trust.identity.public_key).decode(),
-        "nonce": base64.b64encode(b"n" * 32).decode(),
-        "cert": trust.cert.decode(),
-    }
     with pytest.raises(HandshakeError, match="copied data dir"):
-        trust.hello(hello)
+        trust.hello(hello_from(trust, name="the copy"))
     assert trust.duplicate_seen_at == "the copy"
 
 
 def test_a_confirm_for_no_hello_is_refused(tmp_path: Path) -> None:
 
     trust = trust_in(tmp_path)
-    confirm = {"nonce": base64.b64encode(b"x" * 32).decode(), "signature": ""}
+    confirm = {
+        "nonce": base64.b64encode(b"x" * 32).decode(),
+        "signature": base64.b64encode(b"s" * 64).decode(),
+    }
     with pytest.raises(HandshakeError, match="unknown, expired or replayed"):
         trust.confirm(confirm, "127.0.0.1")

@@ -19,6 +19,9 @@ import orjson
 PROTOCOL_VERSION = 1
 _MAX_MODELS = 4096
 _MAX_TEXT = 256
+#: A node's name is chosen by whoever runs it and shown to other operators (`shoal pair
+#: list`, status, logs): short, one line, no terminal escapes.
+MAX_NAME_CHARS = 64
 
 
 class ProtocolError(ValueError):
@@ -129,7 +132,7 @@ def decode(raw: bytes) -> NodeState:
     hardware = _obj(doc, "hardware")
     return NodeState(
         node_id=node_id,
-        name=_text(doc, "name"),
+        name=checked_name(doc.get("name")),
         version=_text(doc, "version"),
         api_port=_int(doc, "api_port", 1, 65535),
         seq=_int(doc, "seq", 0, 2**63),
@@ -148,6 +151,20 @@ def decode(raw: bytes) -> NodeState:
             vram_bytes=_optional_int(hardware, "vram_bytes"),
         ),
     )
+
+
+def checked_name(value: object) -> str:
+    """A node name as another node sent it, stripped, if it is fit to show an operator:
+    1 to MAX_NAME_CHARS printable characters (no control characters, newlines or escape
+    sequences, which could forge a log line or drive the operator's terminal)."""
+    if not isinstance(value, str):
+        raise ProtocolError("name must be a string")
+    name = value.strip()
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        raise ProtocolError(f"name must be 1 to {MAX_NAME_CHARS} characters")
+    if not name.isprintable():
+        raise ProtocolError("name must be printable characters only")
+    return name
 
 
 def _model(entry: Any) -> ModelAdvert:

@@ -10,17 +10,16 @@ trusted or stops being trusted, and telling the rest of the node, is
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import logging
 import ssl
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import orjson
+from pydantic import ValidationError
 
 from shoal.mesh.identity import Identity, node_id_of
 from shoal.protocol import CONFIRM_PATH, HELLO_PATH, error_message
@@ -33,6 +32,7 @@ from shoal.trust.store import PendingFull, TrustedNode, TrustState, TrustStore
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 5.0
+REPLY_MAX_BYTES = 16 * 1024  # a reply is about 1.5 KiB; the same cap as the responder's
 _RESPONDER, _INITIATOR = b"responder", b"initiator"
 
 
@@ -42,17 +42,6 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(doc: dict[str, Any], key: str) -> bytes:
-    try:
-        return base64.b64decode(str(doc[key]), validate=True)
-    except (KeyError, ValueError, TypeError):
-        raise HandshakeError(f"malformed handshake: bad {key}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +66,10 @@ class Trust:
         self.peer_port = peer_port
         self.cert = certs.load_or_create_cert(identity, settings.data_dir)
         self.store = TrustStore(settings.data_dir / "trust.json")
+        # Open handshakes (hellos answered, confirms awaited), each keeping only the few
+        # validated fields the confirm needs (`handshake.Opened`, at most ~4.6 KiB): at
+        # most MAX_OPEN_HANDSHAKES (256) × 4.6 KiB ≈ 1.2 MiB, whatever strangers send.
         self._nonces = handshake.NonceBook.empty()
-        self._hellos: dict[bytes, dict[str, Any]] = {}  # open handshakes, by our nonce
         self._own_nonces: set[bytes] = set()  # hellos we are sending now (to tell self apart)
         # Where another live node presenting our own ID was seen (a copied data dir).
         self.duplicate_seen_at: str | None = None
@@ -207,124 +198,127 @@ class Trust:
     async def _admit(
         self, api_url: str, mode: ClusterMode, secret: str | None, nonce_a: bytes
     ) -> Met:
-        hello = {
-            "mode": mode,
-            "node_id": self.identity.node_id,
-            "name": self.name,
-            "public_key": _b64(self.identity.public_key),
-            "cert": self.cert.decode(),
-            "api_port": self.api_port,
-            "peer_port": self.peer_port,
-            "nonce": _b64(nonce_a),
-        }
+        hello = self._hello(mode, nonce_a)
         timeout = aiohttp.ClientTimeout(HANDSHAKE_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            reply = await _post(session, api_url + HELLO_PATH, hello)
-            pk_b = _unb64(reply, "public_key")
-            node_id = str(reply.get("node_id"))
-            handshake.check_claimed_id(node_id, pk_b)
-            nonce_b = _unb64(reply, "nonce")
-            if reply.get("mode") != mode:
-                raise HandshakeError(
-                    f"cluster mode mismatch: we are {mode}, they are {reply.get('mode')}"
-                )
-            t = handshake.transcript(mode, self.identity.public_key, pk_b, nonce_a, nonce_b)
-            handshake.check_signature(pk_b, _RESPONDER, t, _unb64(reply, "signature"))
+            reply = handshake.parse(
+                handshake.HelloReply, await _post(session, api_url + HELLO_PATH, hello.wire())
+            )
+            if reply.mode != mode:
+                raise HandshakeError(f"cluster mode mismatch: we are {mode}, they are {reply.mode}")
+            pk_b = reply.public_key
+            t = handshake.transcript(mode, self.identity.public_key, pk_b, nonce_a, reply.nonce)
+            handshake.check_signature(pk_b, _RESPONDER, t, reply.signature)
             if mode == "secret":
                 if secret is None:
                     raise HandshakeError("this node has no cluster secret (shoal token create)")
-                handshake.check_secret_proof(secret, _RESPONDER, t, _unb64(reply, "proof"))
-            cert = str(reply.get("cert", ""))
-            if certs.public_key_of_cert(cert.encode()) != pk_b:
-                raise HandshakeError("certificate does not match the node key")
-            confirm = {
-                "nonce": _b64(nonce_b),
-                "signature": _b64(self.identity.sign(_INITIATOR + b"|" + t)),
-            }
+                handshake.check_secret_proof(secret, _RESPONDER, t, reply.proof or b"")
+            proof = None
             if mode == "secret" and secret:
-                confirm["proof"] = _b64(handshake.secret_proof(secret, _INITIATOR, t))
-            await _post(session, api_url + CONFIRM_PATH, confirm)
-        return self._met(node_id, pk_b, cert, reply, api_url, mode)
+                proof = handshake.secret_proof(secret, _INITIATOR, t)
+            signature = self.identity.sign(_INITIATOR + b"|" + t)
+            confirm = handshake.Confirm(nonce=reply.nonce, signature=signature, proof=proof)
+            handshake.parse(
+                handshake.ConfirmReply,
+                await _post(session, api_url + CONFIRM_PATH, confirm.wire()),
+            )
+        return self._met(
+            handshake.Opened(pk_b, reply.nonce, reply.name, reply.cert, 0, reply.peer_port),
+            api_url,
+            mode,
+        )
+
+    def _hello(self, mode: ClusterMode, nonce_a: bytes) -> handshake.Hello:
+        try:
+            return handshake.Hello(
+                mode=mode,
+                node_id=self.identity.node_id,
+                name=self.name,
+                public_key=self.identity.public_key,
+                cert=self.cert.decode(),
+                api_port=self.api_port,
+                peer_port=self.peer_port,
+                nonce=nonce_a,
+            )
+        except ValidationError as exc:  # our own settings: the name, or unbound ports
+            raise HandshakeError(f"this node cannot say hello: {exc.errors()[0]['msg']}") from None
 
     # -- the handshake, as responder ----------------------------------------------------
 
-    def hello(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def hello(self, doc: object) -> dict[str, object]:
+        """Answer a hello (decoded JSON, not yet checked); HandshakeError to refuse it."""
+        hello = handshake.parse(handshake.Hello, doc)
         mode, secret = self.refresh_mode(), self.secret()
-        if doc.get("mode") != mode:
-            raise HandshakeError(f"cluster mode mismatch: we are {mode}, you are {doc.get('mode')}")
+        if hello.mode != mode:
+            raise HandshakeError(f"cluster mode mismatch: we are {mode}, you are {hello.mode}")
         if mode == "secret" and secret is None:
             raise HandshakeError("this node has no cluster secret yet")
-        pk_a, nonce_a = _unb64(doc, "public_key"), _unb64(doc, "nonce")
-        handshake.check_claimed_id(str(doc.get("node_id")), pk_a)
+        pk_a, nonce_a = hello.public_key, hello.nonce
         if pk_a == self.identity.public_key:
             if nonce_a in self._own_nonces:
                 raise HandshakeError("that address is this node itself")
-            self.duplicate_seen_at = str(doc.get("name", "?"))
+            self.duplicate_seen_at = hello.name
             log.error(
                 "another live node presents this node's ID %s: was the data dir copied? "
                 "Delete node.key on one of them to give it an identity of its own.",
                 self.identity.short_id,
             )
             raise HandshakeError("you present this node's own ID: a copied data dir?")
-        if certs.public_key_of_cert(str(doc.get("cert", "")).encode()) != pk_a:
-            raise HandshakeError("certificate does not match the node key")
-        self._check_not_unpaired(str(doc.get("node_id")))
-        nonce_b = self._nonces.issue(time.monotonic(), pk_a, nonce_a)
-        self._hellos = {n: d for n, d in self._hellos.items() if n in self._nonces.issued}
-        self._hellos[nonce_b] = doc
+        self._check_not_unpaired(hello.node_id)
+        nonce_b = self._nonces.issue(time.monotonic(), handshake.Opened.of(hello))
         t = handshake.transcript(mode, pk_a, self.identity.public_key, nonce_a, nonce_b)
-        reply = {
-            "mode": mode,
-            "node_id": self.identity.node_id,
-            "name": self.name,
-            "public_key": _b64(self.identity.public_key),
-            "cert": self.cert.decode(),
-            "peer_port": self.peer_port,
-            "nonce": _b64(nonce_b),
-            "signature": _b64(self.identity.sign(_RESPONDER + b"|" + t)),
-        }
+        proof = None
         if mode == "secret" and secret:
-            reply["proof"] = _b64(handshake.secret_proof(secret, _RESPONDER, t))
-        return reply
+            proof = handshake.secret_proof(secret, _RESPONDER, t)
+        reply = handshake.HelloReply(
+            mode=mode,
+            node_id=self.identity.node_id,
+            name=self.name,
+            public_key=self.identity.public_key,
+            cert=self.cert.decode(),
+            peer_port=self.peer_port,
+            nonce=nonce_b,
+            signature=self.identity.sign(_RESPONDER + b"|" + t),
+            proof=proof,
+        )
+        return reply.wire()
 
-    def confirm(self, doc: dict[str, Any], remote_ip: str) -> Met:
+    def open_handshakes(self) -> int:
+        """Hellos answered and not yet confirmed or expired (at most MAX_OPEN_HANDSHAKES)."""
+        return len(self._nonces.issued)
+
+    def confirm(self, doc: object, remote_ip: str) -> Met:
+        """Take a confirm (decoded JSON, not yet checked); HandshakeError to refuse it."""
+        confirm = handshake.parse(handshake.Confirm, doc)
         mode, secret = self.mode, self.secret()
-        nonce_b = _unb64(doc, "nonce")
-        pk_a, nonce_a = self._nonces.take(time.monotonic(), nonce_b)
-        hello = self._hellos.pop(nonce_b, {})
-        t = handshake.transcript(mode, pk_a, self.identity.public_key, nonce_a, nonce_b)
-        handshake.check_signature(pk_a, _INITIATOR, t, _unb64(doc, "signature"))
+        hello = self._nonces.take(time.monotonic(), confirm.nonce)
+        pk_a = hello.public_key
+        t = handshake.transcript(mode, pk_a, self.identity.public_key, hello.nonce, confirm.nonce)
+        handshake.check_signature(pk_a, _INITIATOR, t, confirm.signature)
         if mode == "secret":
             if secret is None:
                 raise HandshakeError("this node has no cluster secret yet")
-            handshake.check_secret_proof(secret, _INITIATOR, t, _unb64(doc, "proof"))
+            handshake.check_secret_proof(secret, _INITIATOR, t, confirm.proof or b"")
         host = f"[{remote_ip}]" if ":" in remote_ip else remote_ip
-        address = f"http://{host}:{int(hello.get('api_port') or 0)}"
-        return self._met(node_id_of(pk_a), pk_a, str(hello.get("cert", "")), hello, address, mode)
+        return self._met(hello, f"http://{host}:{hello.api_port}", mode)
 
     # -- both sides ---------------------------------------------------------------------
 
-    def _met(
-        self,
-        node_id: str,
-        public_key: bytes,
-        cert: str,
-        doc: dict[str, Any],
-        api_url: str,
-        mode: ClusterMode,
-    ) -> Met:
+    def _met(self, other: handshake.Opened, api_url: str, mode: ClusterMode) -> Met:
+        """Record a node that passed the handshake (`other`: what it said, validated)."""
+        node_id = node_id_of(other.public_key)
         self._check_not_unpaired(node_id)
         was = self.store.state(node_id)
         try:
             node = self.store.met(
                 node_id,
-                public_key,
+                other.public_key,
                 paired=mode in ("open", "secret"),
-                name=str(doc.get("name", ""))[:64],
+                name=other.name,
                 address=api_url,
-                code=handshake.confirmation_code(self.identity.public_key, public_key),
-                cert=cert,
-                peer_port=int(doc.get("peer_port") or 0),
+                code=handshake.confirmation_code(self.identity.public_key, other.public_key),
+                cert=other.cert,
+                peer_port=other.peer_port,
             )
         except PendingFull as exc:
             raise HandshakeError(str(exc)) from None
@@ -337,15 +331,23 @@ class Trust:
             raise HandshakeError("this node was unpaired; it must be paired again")
 
 
-async def _post(session: aiohttp.ClientSession, url: str, doc: dict[str, Any]) -> dict[str, Any]:
+async def _post(session: aiohttp.ClientSession, url: str, doc: dict[str, object]) -> object:
+    """POST a handshake message; the reply as decoded JSON, still to be parsed."""
     async with session.post(
         url, data=orjson.dumps(doc), headers={"Content-Type": "application/json"}
     ) as r:
-        body = await r.read()
+        body = b""
+        while len(body) <= REPLY_MAX_BYTES and (chunk := await r.content.read(1 << 14)):
+            body += chunk
+        if len(body) > REPLY_MAX_BYTES:
+            raise HandshakeError("handshake reply too large")
         if r.status != 200:
-            reason = error_message(body) or f"HTTP {r.status}"
-            raise HandshakeError(f"refused by the other node: {reason}")
-        document = orjson.loads(body)
-        if not isinstance(document, dict):
-            raise HandshakeError("malformed handshake reply")
-        return document
+            reason = (error_message(body) or f"HTTP {r.status}")[:300]
+            # The other node wrote the reason, and it goes to our log: escaped if need be.
+            raise HandshakeError(
+                f"refused by the other node: {reason if reason.isprintable() else repr(reason)}"
+            )
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise HandshakeError("handshake reply is not JSON") from None
