@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,11 +24,14 @@ from shoal.errors import (
     UpstreamTimeout,
 )
 from shoal.events import EventBus, RequestFinished, RequestFirstByte, RequestRouted
+from shoal.mesh.membership import PeerState
+from shoal.mesh.peers import Peers
+from shoal.mesh.state import ModelAdvert, NodeState
 from shoal.routing.dispatch import Dispatcher
 from shoal.routing.ledger import LoadLedger
 from shoal.routing.rank import HopPolicy
 from shoal.routing.router import Router
-from shoal.settings import RoutingSettings
+from shoal.settings import LimitSettings, MeshSettings, RoutingSettings
 
 ANYWHERE = HopPolicy()
 
@@ -554,3 +559,190 @@ async def test_a_cancelled_request_finishes_cancelled() -> None:
     assert isinstance(finished, RequestFinished)
     assert (finished.outcome, finished.status) == ("cancelled", 499)
     assert ledger_of(dispatcher).requests == 0
+
+
+# -- peers: alive ones are tried, away ones never (issue 9, items 13 and 15) -------------
+#
+# A real `Peers` table driven by its inputs (a state received: alive; a request failed:
+# suspect; a goodbye: removed; sighted again: joining), with each peer's link replaced
+# by a fake that records what was sent to it. No socket is opened.
+
+ME = "0" * 64
+KITCHEN, ATTIC = "a" * 64, "b" * 64
+CHAT_ONLY = (CHAT.value,)
+
+
+class Dialer:
+    def peer_url(self, node_id: str, host: str) -> str:
+        return f"https://{host}:11451"
+
+    def client_context(self, node_id: str) -> ssl.SSLContext:
+        return ssl.create_default_context()
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.sent: list[Operation] = []
+
+    async def send(self, op: Operation, body: bytes) -> FakeUpstream:
+        self.sent.append(op)
+        return FakeUpstream(200)
+
+
+def peer_state(node_id: str, name: str, *models: ModelAdvert) -> NodeState:
+    return NodeState(node_id, name, "0", 11450, 1, 1.0, models=models)
+
+
+def with_peers(
+    *held: tuple[str, str, tuple[ModelAdvert, ...]],
+    local: tuple[ModelInfo, ...] = (),
+    aliases: dict[str, list[str]] | None = None,
+) -> tuple[Dispatcher, Peers, dict[str, FakeLink]]:
+    """A dispatcher over alive peers (id, name, models) and, if given, one local backend."""
+    registry = BackendRegistry(BUS, interval_s=30)
+    if local:
+        entry = registry.add(FakeBackend("here"))
+        registry.record(entry, BackendStatus(Health.HEALTHY, models=local), now=0)
+    bus = EventBus()
+    peers = Peers(ME, lambda: peer_state(ME, "me"), Dialer(), bus, MeshSettings(), LimitSettings())
+    links: dict[str, FakeLink] = {}
+    for node_id, name, models in held:
+        peers.received(peer_state(node_id, name, *models), f"http://10.0.0.{len(links) + 2}:1")
+        links[node_id] = FakeLink()
+    peers.link = links.__getitem__  # type: ignore[assignment]
+    ledger = LoadLedger(bus)
+    settings = RoutingSettings(model_aliases=aliases or {})
+    router = Router(ME, "me", registry, peers, ledger, settings, rng=InOrder())
+    return Dispatcher(router, ledger, bus, deadline_s=60), peers, links
+
+
+def chat_model(name: str = "m") -> tuple[ModelAdvert, ...]:
+    return (ModelAdvert(name, operations=CHAT_ONLY),)
+
+
+def away(peers: Peers, peer_id: str, how: str) -> None:
+    """Make an alive peer suspect, removed, or removed and then sighted again."""
+    if how == "suspect":
+        peers.request_failed(peer_id)
+    else:
+        peers.goodbye(peer_id)
+        if how == "joining":
+            peers.sighted(peer_id, "http://10.0.0.9:1", "mdns")
+    (view,) = [p.view for p in peers.peers() if p.view.peer_id == peer_id]
+    assert view.state is PeerState(how)
+
+
+async def refused(dispatcher: Dispatcher, op: Operation, model: str, policy: HopPolicy) -> Any:
+    started = time.monotonic()
+    with pytest.raises(ShoalError) as caught:
+        async with dispatcher.open(op, model, BODY, policy):
+            pytest.fail("no answer should be open")
+    assert time.monotonic() - started < 0.5  # decided at once: nothing was dialled
+    return caught.value
+
+
+async def test_an_alive_peer_holding_the_model_serves_it() -> None:
+    dispatcher, _, links = with_peers((KITCHEN, "kitchen", chat_model()))
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE) as opened:
+        assert (opened.target.route, opened.target.name) == ("peer", "kitchen")
+    assert links[KITCHEN].sent == [CHAT]
+
+
+@pytest.mark.parametrize(("how", "retry_after"), [("suspect", 2), ("removed", 5), ("joining", 5)])
+async def test_when_the_only_holder_is_away_the_answer_is_503_with_retry_after(
+    how: str, retry_after: float
+) -> None:
+    """Item 13: not 400 "does not support", and item 15: the away peer is not dialled."""
+    dispatcher, peers, links = with_peers((KITCHEN, "kitchen", chat_model()))
+    away(peers, KITCHEN, how)
+    error = await refused(dispatcher, CHAT, "m", ANYWHERE)
+    assert type(error) is BackendUnavailable
+    assert (error.status, error.code) == (503, "backend_unavailable")
+    assert error.retry_after == retry_after
+    assert f"kitchen ({how})" in error.message
+    assert "cannot be reached" in error.message
+    assert links[KITCHEN].sent == []
+
+
+async def test_all_holders_away_names_each_and_waits_for_the_slowest() -> None:
+    dispatcher, peers, _ = with_peers(
+        (KITCHEN, "kitchen", chat_model()), (ATTIC, "attic", chat_model())
+    )
+    away(peers, KITCHEN, "suspect")
+    away(peers, ATTIC, "removed")
+    error = await refused(dispatcher, CHAT, "m", ANYWHERE)
+    assert isinstance(error, BackendUnavailable)
+    assert error.retry_after == 5
+    assert "kitchen (suspect)" in error.message
+    assert "attic (removed)" in error.message
+
+
+async def test_an_away_holder_is_skipped_for_an_alive_one() -> None:
+    dispatcher, peers, links = with_peers(
+        (KITCHEN, "kitchen", chat_model()), (ATTIC, "attic", chat_model())
+    )
+    away(peers, KITCHEN, "suspect")
+    async with dispatcher.open(CHAT, "m", BODY, ANYWHERE) as opened:
+        assert opened.target.name == "attic"
+        assert opened.retried is False
+    assert (links[KITCHEN].sent, links[ATTIC].sent) == ([], [CHAT])
+
+
+async def test_an_away_holder_under_an_alias_is_503_too() -> None:
+    dispatcher, peers, _ = with_peers((KITCHEN, "kitchen", chat_model()), aliases={"llama": ["m"]})
+    away(peers, KITCHEN, "removed")
+    error = await refused(dispatcher, CHAT, "llama", ANYWHERE)
+    assert isinstance(error, BackendUnavailable)
+
+
+async def test_pinned_to_an_away_holder_is_503() -> None:
+    dispatcher, peers, _ = with_peers(
+        (KITCHEN, "kitchen", chat_model()), (ATTIC, "attic", chat_model())
+    )
+    away(peers, KITCHEN, "removed")
+    error = await refused(dispatcher, CHAT, "m", HopPolicy(pinned="kitchen"))
+    assert isinstance(error, BackendUnavailable)
+    assert "kitchen (removed)" in error.message
+
+
+@pytest.mark.parametrize("policy", [HopPolicy(local_only=True), HopPolicy(forwarded=True)])
+async def test_an_away_holder_does_not_count_when_forwarding_is_not_allowed(
+    policy: HopPolicy,
+) -> None:
+    dispatcher, peers, _ = with_peers((KITCHEN, "kitchen", chat_model()))
+    away(peers, KITCHEN, "removed")
+    error = await refused(dispatcher, CHAT, "m", policy)
+    assert type(error) is ModelNotFound
+    assert "this node" in error.message
+
+
+@pytest.mark.parametrize("how", ["alive", "suspect", "removed"])
+async def test_a_model_held_but_not_for_the_operation_is_still_400(how: str) -> None:
+    dispatcher, peers, _ = with_peers((KITCHEN, "kitchen", chat_model()))
+    if how != "alive":
+        away(peers, KITCHEN, how)
+    error = await refused(dispatcher, EMBED, "m", ANYWHERE)
+    assert type(error) is InvalidRequest
+    assert (error.status, error.param) == (400, "model")
+    assert "does not support embeddings" in error.message
+
+
+async def test_an_away_holder_of_the_operation_wins_over_a_local_holder_without_it() -> None:
+    embedding = (ModelAdvert("m", operations=(EMBED.value,)),)
+    dispatcher, peers, _ = with_peers(
+        (KITCHEN, "kitchen", embedding), local=(ModelInfo("m", operations=GENERATION),)
+    )
+    away(peers, KITCHEN, "removed")
+    error = await refused(dispatcher, EMBED, "m", ANYWHERE)
+    assert isinstance(error, BackendUnavailable)
+
+
+@pytest.mark.parametrize("how", ["alive", "suspect", "removed"])
+async def test_a_model_no_node_holds_is_still_404(how: str) -> None:
+    dispatcher, peers, _ = with_peers((KITCHEN, "kitchen", chat_model("other")))
+    if how != "alive":
+        away(peers, KITCHEN, how)
+    error = await refused(dispatcher, CHAT, "m", ANYWHERE)
+    assert type(error) is ModelNotFound
+    assert error.status == 404
+    assert "this cluster" in error.message

@@ -275,7 +275,7 @@ def test_ties_in_both_orders_under_local_spillover() -> None:
     assert firsts == {"p", "q"}
 
 
-# -- loaded beats unloaded; unhealthy last ----------------------------------------------
+# -- loaded beats unloaded; unhealthy never tried ---------------------------------------
 
 
 @pytest.mark.parametrize("strategy", ["local_spillover", "least_loaded"])
@@ -299,28 +299,21 @@ def test_spillover_applies_within_the_unloaded_group() -> None:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_unhealthy_candidates_go_last(strategy: Strategy) -> None:
-    suspect = cand("suspect", local=True, loaded=True, healthy=False)
-    busy = cand("busy", loaded=False, in_flight=9, capacity=1)
-    assert ranked([suspect, busy], strategy) == ["busy", "suspect"]
+def test_unhealthy_candidates_are_never_tried(strategy: Strategy) -> None:
+    """Issue 9 item 15: a suspect peer is not a last resort; it gets no request at all."""
+    candidates = [
+        cand("s-idle", healthy=False, in_flight=0, capacity=4, hw=9.0),
+        cand("busy", loaded=False, in_flight=9, capacity=1),
+        cand("s-local", local=True, healthy=False),
+        cand("ok", in_flight=3, capacity=4),
+    ]
+    assert ranked(candidates, strategy, turn=3) == ["ok", "busy"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_unhealthy_candidates_are_kept_least_loaded_first(strategy: Strategy) -> None:
-    candidates = [
-        cand("s-busy", healthy=False, in_flight=3, capacity=4),
-        cand("s-weak", healthy=False, in_flight=1, capacity=4, hw=1.0),
-        cand("ok", in_flight=0, capacity=4),
-        cand("s-strong", healthy=False, in_flight=1, capacity=4, hw=2.0),
-        cand("s-idle", healthy=False, loaded=False, in_flight=0, capacity=4),
-    ]
-    assert ranked(candidates, strategy, turn=3) == [
-        "ok",
-        "s-idle",
-        "s-strong",
-        "s-weak",
-        "s-busy",
-    ]
+def test_only_unhealthy_candidates_rank_to_nothing(strategy: Strategy) -> None:
+    candidates = [cand("s1", healthy=False), cand("s2", healthy=False, loaded=False)]
+    assert ranked(candidates, strategy) == []
 
 
 # -- round_robin ------------------------------------------------------------------------
@@ -400,7 +393,7 @@ candidate_lists = st.lists(
     turn=st.integers(-(10**6), 10**6),
     seed=st.integers(0, 2**32),
 )
-def test_rank_permutes_and_keeps_unhealthy_behind_healthy(
+def test_rank_permutes_the_healthy_and_drops_the_unhealthy(
     candidates: list[Candidate],
     strategy: Strategy,
     local_in_flight: int,
@@ -416,11 +409,10 @@ def test_rank_permutes_and_keeps_unhealthy_behind_healthy(
         turn=turn,
         rng=random.Random(seed),
     )
-    assert Counter(id(c) for c in order) == Counter(id(c) for c in candidates)
-    assert Counter(c.key for c in order) == Counter(c.key for c in candidates)
-    health = [c.healthy for c in order]
-    assert health == sorted(health, reverse=True)  # every True before every False
-    loaded = [c.loaded for c in order if c.healthy]
+    healthy = [c for c in candidates if c.healthy]
+    assert Counter(id(c) for c in order) == Counter(id(c) for c in healthy)
+    assert Counter(c.key for c in order) == Counter(c.key for c in healthy)
+    loaded = [c.loaded for c in order]
     assert loaded == sorted(loaded, reverse=True)
 
 

@@ -8,11 +8,14 @@ forwarding), `allowed` drops the candidates that policy excludes, and `rank` ord
 rest. Everything here is pure: values in, values out; randomness comes from the
 `random.Random` the caller passes.
 
-`rank`'s order, first to last:
-
-1. healthy candidates holding the model loaded, then healthy ones merely holding it;
-   each group in the strategy's order (`round_robin` rotates each group by `turn`);
-2. unhealthy (suspect) candidates, least loaded first: a last resort, never skipped.
+`rank`'s order, first to last: candidates holding the model loaded, then those merely
+holding it; each group in the strategy's order (`round_robin` rotates each group by
+`turn`). Unhealthy candidates (peers that are suspect or removed) are left out: never
+tried. A suspect peer is one that just failed to answer; trying it again would cost the
+request a full connect timeout (3 s) whenever it is really gone, a silent one most of
+all, while a live one is cleared by the heartbeat sent 1 s after its miss. So a request
+whose only holders are away gets 503 with Retry-After at once (the router says so) and
+comes back when a heartbeat has decided, rather than waiting on a dead link.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Candidate:
     in_flight: int  # requests running there now
     capacity: int  # how many it serves at once (>= 1)
     hardware_score: float = 0.0  # higher is a stronger machine
-    healthy: bool = True  # False for a suspect peer: only ever a last resort
+    healthy: bool = True  # False for a peer that is away (suspect, removed): never tried
 
     def __post_init__(self) -> None:
         # Bad counts would silently reorder routes; refuse them where they are made.
@@ -75,7 +78,7 @@ def rank(
     turn: int,
     rng: random.Random,
 ) -> list[Candidate]:
-    """Every candidate, in the order to try them (see the module docstring).
+    """The healthy candidates, in the order to try them (see the module docstring).
 
     `local_in_flight` is this node's running requests and `spillover_max_local_in_flight`
     the count from which `local_spillover` starts sending work to less busy peers.
@@ -94,7 +97,7 @@ def rank(
             order += _rotated(group, turn)
         else:
             raise ValueError(f"unknown routing strategy {strategy!r}")
-    return order + _least_loaded([c for c in candidates if not c.healthy], rng)
+    return order
 
 
 def _least_loaded(candidates: Sequence[Candidate], rng: random.Random) -> list[Candidate]:

@@ -3,7 +3,9 @@
 The decisions are `rank.py`'s pure functions; this module gathers their inputs from
 the backend registry, the peer table and the load ledger, and wraps each choice as a
 `Target` the dispatcher can send to, count (in the ledger, under `route` and `key`), and
-blame.
+blame. When nothing can serve a request, `_nothing_for` says why, as the error the client
+should act on: 503 with Retry-After while the holders are down or away, 400 for a model
+held but not for this operation, 404 for a model no node holds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ from shoal.mesh.peers import Peer, Peers
 from shoal.routing.ledger import LoadLedger
 from shoal.routing.rank import Candidate, HopPolicy, allowed, rank, resolve_model
 from shoal.settings import RoutingSettings
+
+# Retry-After for a model whose only holders are away, by how they are away. A suspect
+# peer is re-checked 1 s after its miss (membership.Timing.suspect_retry_s), so in 2 s it
+# is back or nearer removal. A removed (or re-sighted, not yet answered) peer comes back
+# on its next rejoin probe or sighting: seconds, not a heartbeat's 15.
+_RETRY_SUSPECT_S = 2.0
+_RETRY_REMOVED_S = 5.0
 
 
 class Target(Protocol):
@@ -64,6 +73,7 @@ class PeerTarget:
         assert peer.state is not None
         self._peer_id = peer.view.peer_id
         self._peers = peers
+        self.peer_state = peer.view.state  # as it was when the route was chosen
         self.name = peer.state.name
         self.model = model
         self.candidate = candidate
@@ -115,14 +125,15 @@ class Router:
             self_name=self._node_name,
             names=names_by_id,
         )
-        if not usable:
-            raise self._nothing_for(op, model, names, policy)
         by_key = {t.candidate.key: t for t in targets}
         # A model asked for by its own name goes to its holders first; holders of an
         # alias of it (the same weights under another name) are the fallback.
         exact = [c for c in usable if by_key[c.key].model == model]
         siblings = [c for c in usable if by_key[c.key].model != model]
-        ranked = self._rank(exact) + self._rank(siblings)
+        ranked = self._rank(exact) + self._rank(siblings)  # away peers are never ranked
+        if not ranked:
+            away = [t for c in usable if isinstance(t := by_key[c.key], PeerTarget)]
+            raise self._nothing_for(op, model, names, policy, away)
         self._turn += 1
         return [by_key[c.key] for c in ranked]
 
@@ -158,12 +169,19 @@ class Router:
         return list(found.values())
 
     def _remote(self, op: Operation, names: Sequence[str]) -> list[Target]:
+        """Every peer whose last snapshot holds the model for `op`, alive or away.
+
+        Only alive peers are ever tried (`rank` drops the rest); an away one (suspect,
+        removed, or sighted again but not yet answered) is kept as an unhealthy
+        candidate so that the policy filter and the error can name it.
+        """
         if self._peers is None:
             return []
         targets: list[Target] = []
-        for peer in self._peers.routable():
+        for peer in self._peers.peers():
             state = peer.state
-            assert state is not None
+            if state is None:
+                continue
             held = {m.id: m for m in state.models if op.value in m.operations}
             name = next((n for n in names if n in held), None)
             if name is None:
@@ -186,8 +204,15 @@ class Router:
         return self._peers.peers() if self._peers is not None else []
 
     def _nothing_for(
-        self, op: Operation, model: str, names: Sequence[str], policy: HopPolicy
+        self,
+        op: Operation,
+        model: str,
+        names: Sequence[str],
+        policy: HopPolicy,
+        away: Sequence[PeerTarget],
     ) -> ShoalError:
+        if away:  # known holders this request may use, none reachable now: come back
+            return _away(model, away)
         if policy.pinned is not None:
             return ModelNotFound(
                 f"no node matching {policy.pinned!r} can serve {model!r} now", param="model"
@@ -211,4 +236,15 @@ class Router:
         )
 
     def _peer_holds(self, names: Sequence[str]) -> bool:
+        """Some peer's last snapshot lists the model, for whatever operation."""
         return any(m.id in names for p in self._peer_list() if p.state for m in p.state.models)
+
+
+def _away(model: str, away: Sequence[PeerTarget]) -> BackendUnavailable:
+    """503: every holder this request may use is a peer that is away, for now."""
+    suspect_only = all(t.peer_state is PeerState.SUSPECT for t in away)
+    nodes = ", ".join(f"{t.name} ({t.peer_state})" for t in away)
+    return BackendUnavailable(
+        f"model {model!r} is held only by node(s) that cannot be reached now: {nodes}; retry later",
+        retry_after=_RETRY_SUSPECT_S if suspect_only else _RETRY_REMOVED_S,
+    )
