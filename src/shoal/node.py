@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -55,12 +56,15 @@ from shoal.mesh.identity import short_id
 from shoal.mesh.mdns import MdnsDiscovery, advertised_addresses
 from shoal.mesh.peers import Peers
 from shoal.mesh.state import local_hardware
+from shoal.process import install_accept_error_handler, raise_fd_limit
 from shoal.routing.dispatch import Dispatcher
 from shoal.routing.ledger import LoadLedger
 from shoal.routing.router import Router
 from shoal.settings import DEFAULT_PORT, Settings
+from shoal.supervise import RESTART_BACKOFF, supervise
 from shoal.trust.admission import Admission
 from shoal.trust.keys import KeyStore
+from shoal.trust.secret import protect_data_dir
 from shoal.trust.service import Trust
 from shoal.trust.store import TrustState
 
@@ -72,6 +76,7 @@ class Node:
         self.settings = settings
         self.name = settings.name
         self.bus = bus or EventBus()
+        protect_data_dir(settings.data_dir)  # before anything in it is read or written
         self.identity = identity.load_or_create(settings.data_dir)
         self.node_id = self.identity.node_id
         self.port = settings.port
@@ -149,6 +154,7 @@ class Node:
         self._peer_site: web.TCPSite | None = None
         self._restarts: set[asyncio.Task[None]] = set()
         self._first_peer = asyncio.Event()
+        self.restart_backoff = RESTART_BACKOFF  # for a failed background task
         self._subscribe()
 
     def _build_app(self) -> web.Application:
@@ -203,7 +209,7 @@ class Node:
     # -- lifetime -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set; every background task ends with the node."""
+        """Serve until `stop` is set; every background task ends with the node, not before."""
         runner = self._runner = web.AppRunner(
             self.app, handler_cancellation=True, access_log=None, **HEADER_LIMITS
         )
@@ -226,21 +232,26 @@ class Node:
                     "OPEN cluster on the LAN: any Shoal node on this network may join and "
                     "use this node. Set a secret (shoal token create) or use pairing."
                 )
+            background: dict[str, Callable[[], Awaitable[None]]] = {
+                "backend registry": self.registry.run,
+                "peers": self.peers.run,
+                "admission": self.admission.run,
+            }
+            if self.engine is not None:
+                background["embedded engine"] = self.engine.run
+            if self.settings.detect.enabled:
+                background["backend detection"] = self.detector.run
+            if self.settings.lan:
+                background["LAN discovery"] = self._lan
             async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(self.registry.run()),
-                    group.create_task(self.peers.run()),
-                    group.create_task(self.admission.run()),
-                ]
-                if self.engine is not None:
-                    tasks.append(group.create_task(self.engine.run()))
-                if self.settings.detect.enabled:
-                    tasks.append(group.create_task(self.detector.run()))
-                if self.settings.lan:
-                    tasks.append(group.create_task(self._lan()))
+                # Supervised: a failure in one is logged and retried, never the node's end.
+                tasks = {
+                    name: group.create_task(supervise(name, run, backoff=self.restart_backoff))
+                    for name, run in background.items()
+                }
                 await stop.wait()
-                await self.peers.say_goodbye()
-                for task in tasks:
+                await self.peers.leave()
+                for task in tasks.values():
                     task.cancel()
         finally:
             await runner.cleanup()
@@ -345,10 +356,12 @@ def _log_request(event: RequestFinished) -> None:
 
 def serve(settings: Settings) -> None:
     """Run a node in the foreground until SIGINT or SIGTERM."""
+    raise_fd_limit()  # each connection is a descriptor: the usual 1024 is few
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        install_accept_error_handler(loop)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         node = Node(settings)

@@ -207,3 +207,85 @@ def test_pairing_by_the_id_pair_list_prints_in_a_narrow_terminal(tmp_path: Path)
     finally:
         a.stop()
         b.stop()
+
+
+# -- the cluster token, and secrets on disk (issue 9, item 7) ----------------------------
+
+
+def _join_with(
+    home: Path, *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`shoal join` to a node that is not there: the token is kept before the call fails."""
+    nobody = f"http://127.0.0.1:{free_port()}"
+    return subprocess.run(
+        [sys.executable, "-m", "shoal", "join", nobody, "--url", nobody, "--no-save",
+         "--data-dir", str(home / "data"), *args],
+        input=stdin, capture_output=True, text=True, timeout=60,
+        env={**clean_env(home), "COLUMNS": "200", **(env or {})},
+    )  # fmt: skip
+
+
+def _kept(home: Path) -> tuple[str, int]:
+    path = home / "data" / "cluster_secret"
+    return path.read_text().strip(), path.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("how", ["stdin", "file", "environment"])
+def test_join_takes_the_token_without_putting_it_in_ps(tmp_path: Path, how: str) -> None:
+    from shoal.trust.secret import new_secret
+
+    token = new_secret()
+    if how == "stdin":
+        joined = _join_with(tmp_path, "--token", "-", stdin=token + "\n")
+    elif how == "file":
+        (tmp_path / "token").write_text(token + "\n")
+        joined = _join_with(tmp_path, "--token-file", str(tmp_path / "token"))
+    else:
+        joined = _join_with(tmp_path, env={"SHOAL_CLUSTER_TOKEN": token})
+    assert joined.returncode == 3, joined.stderr  # kept, then no node answered
+    assert "no Shoal node answers" in joined.stderr
+    assert "warning" not in joined.stderr
+    assert _kept(tmp_path) == (token, 0o600)
+
+
+def test_join_warns_about_a_token_on_the_command_line(tmp_path: Path) -> None:
+    from shoal.trust.secret import new_secret
+
+    token = new_secret()
+    joined = _join_with(tmp_path, "--token", token)
+    assert joined.returncode == 3
+    assert "warning" in joined.stderr and "ps" in joined.stderr
+    assert "SHOAL_CLUSTER_TOKEN" in joined.stderr
+    assert _kept(tmp_path) == (token, 0o600)
+
+
+def test_join_refuses_a_token_shoal_did_not_make(tmp_path: Path) -> None:
+    for args, stdin, env in [
+        (("--token", "shoal-ct-abc"), "", None),
+        (("--token", "-"), "hunter2\n", None),
+        ((), "", {"SHOAL_CLUSTER_TOKEN": "shoal-ct-short"}),
+    ]:
+        refused = _join_with(tmp_path, *args, stdin=stdin, env=env)
+        assert refused.returncode == 2, refused.stderr
+        assert "not one `shoal token create` makes" in refused.stderr
+        assert "hunter2" not in refused.stderr  # the rejected secret is not echoed
+    both = _join_with(tmp_path, "--token", "-", "--token-file", str(tmp_path / "t"))
+    assert both.returncode == 2 and "not both" in both.stderr
+    assert not (tmp_path / "data" / "cluster_secret").exists()
+
+
+def test_serve_tightens_a_world_readable_secret_and_says_so(tmp_path: Path) -> None:
+    from shoal.trust.secret import new_secret, write_secret
+
+    data = tmp_path / "node" / "data"
+    write_secret(data, new_secret())
+    (data / "cluster_secret").chmod(0o644)
+    data.chmod(0o755)
+    node = start_node(tmp_path / "node", "--no-embedded", wait_backend=None)
+    try:
+        assert (data / "cluster_secret").stat().st_mode & 0o777 == 0o600
+        assert data.stat().st_mode & 0o777 == 0o700
+        assert "cluster_secret was mode 0644" in node.log()
+        assert f"{data} was mode 0755" in node.log()
+    finally:
+        node.stop()

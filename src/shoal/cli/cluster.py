@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +24,7 @@ from shoal.cli.common import (
     DataDirOpt,
     JsonOpt,
     UrlOpt,
+    err,
     fail,
     human_size,
     load_settings,
@@ -86,23 +90,37 @@ def peers(
     out.print(table)
 
 
+TOKEN_ENV = "SHOAL_CLUSTER_TOKEN"
+
+
 def join(
     peer_url: Annotated[str, typer.Argument(help="The node to join, e.g. http://10.0.0.5:11450")],
     url: UrlOpt = None,
     config: ConfigOpt = None,
     token: Annotated[
-        str | None, typer.Option(help="The cluster secret (from `shoal token show` there).")
+        str | None,
+        typer.Option(
+            help="The cluster secret (from `shoal token show` there); `-` reads it from "
+            f"stdin. On the command line it shows in `ps`: prefer `-`, --token-file or "
+            f"{TOKEN_ENV}."
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="A file holding the cluster secret.")
     ] = None,
     data_dir: DataDirOpt = None,
     save: Annotated[
         bool, typer.Option("--save/--no-save", help="Keep it in the config's peers.")
     ] = True,
 ) -> None:
-    """Add one peer by address (for networks where mDNS does not reach)."""
-    if token is not None:
-        if not token.startswith(secret_mod.PREFIX):
-            raise fail(f"a cluster token starts with {secret_mod.PREFIX}", 2)
-        secret_mod.write_secret(_data_dir(config, data_dir), token)
+    """Add one peer by address (for networks where mDNS does not reach).
+
+    In secret mode, give the cluster secret on stdin (`--token -`), in a file
+    (--token-file) or in the SHOAL_CLUSTER_TOKEN environment variable.
+    """
+    secret = _cluster_token(token, token_file)
+    if secret is not None:
+        secret_mod.write_secret(_data_dir(config, data_dir), secret)
     joined = node_post(url, config, protocol.PEERS_PATH, {"url": peer_url})
     their_id = short_id(joined["node_id"])
     who = escape(f"{joined['name']} ({their_id}) at {joined['url']}")
@@ -118,6 +136,41 @@ def join(
         out.print(f"joined {who}", highlight=False)
     if save:
         _save_peers(config, [joined["url"]])
+
+
+def _cluster_token(token: str | None, token_file: Path | None) -> str | None:
+    """The token from --token (`-`: stdin), --token-file or the environment; checked."""
+    if token is not None and token_file is not None:
+        raise fail("give --token or --token-file, not both", 2)
+    if token == "-":  # typed at a terminal, not echoed
+        read = getpass.getpass if sys.stdin.isatty() else lambda prompt: sys.stdin.readline()
+        token, where = read("cluster token: "), "stdin"
+    elif token is not None:
+        err.print(
+            "[yellow]warning:[/yellow] a token on the command line is visible to every "
+            f"user of this machine (`ps`): prefer `--token -` (stdin), --token-file or "
+            f"{TOKEN_ENV}",
+            highlight=False,
+        )
+        where = "--token"
+    elif token_file is not None:
+        try:
+            token, where = token_file.read_text(), str(token_file)
+        except OSError as exc:
+            raise fail(f"cannot read the token file: {exc}", 2) from None
+    else:
+        token, where = os.environ.get(TOKEN_ENV), TOKEN_ENV
+        if not token:
+            return None
+    token = token.strip()
+    if not secret_mod.is_token(token):
+        raise fail(
+            f"the cluster token from {where} is not one `shoal token create` makes: "
+            f"{secret_mod.PREFIX} and at least {secret_mod.MIN_TOKEN_CHARS} letters a-z and "
+            "digits 2-7 (`shoal token show` on a node of the cluster prints it)",
+            2,
+        )
+    return token
 
 
 def _data_dir(config: Path | None, data_dir: Path | None) -> Path:
@@ -136,7 +189,7 @@ def token_create(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
 
 @token_app.command("show")
 def token_show(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Print the cluster secret, to give to `shoal join URL --token` on other machines."""
+    """Print the cluster secret, for `shoal join URL --token -` on other machines."""
     secret = secret_mod.read_secret(_data_dir(config, data_dir))
     if secret is None:
         raise fail("no cluster secret yet: `shoal token create`", 1)

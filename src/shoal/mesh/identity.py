@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shoal.errors import ConfigError
+from shoal.private_files import PRIVATE_DIR, PRIVATE_FILE, tighten
 
 KEY_FILE = "node.key"
 
@@ -50,9 +51,7 @@ class Identity:
 
 def load_or_create(data_dir: Path) -> Identity:
     path = data_dir / KEY_FILE
-    if path.exists():
-        if path.stat().st_mode & 0o077:
-            path.chmod(0o600)  # tighten what a copy or an editor loosened
+    if tighten(path, PRIVATE_FILE):  # what a copy or an editor loosened, with a warning
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except ValueError as exc:
@@ -60,7 +59,7 @@ def load_or_create(data_dir: Path) -> Identity:
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError(f"{path} holds a key that is not Ed25519")
     else:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(
             serialization.Encoding.PEM,
@@ -68,7 +67,7 @@ def load_or_create(data_dir: Path) -> Identity:
             serialization.NoEncryption(),
         )
         # O_EXCL: two nodes started on one data dir at once must not both write a key.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
         with os.fdopen(fd, "wb") as out:
             out.write(pem)
     public = key.public_key().public_bytes(

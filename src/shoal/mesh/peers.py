@@ -89,6 +89,10 @@ class Peers:
         self._wake = asyncio.Event()
         self._push = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
+        self._leaving = False
+        self._exchanging = 0  # state exchanges in flight
+        self._quiet = asyncio.Event()  # set while none is
+        self._quiet.set()
 
     # -- what the rest of the node sees ---------------------------------------------
 
@@ -96,7 +100,8 @@ class Peers:
         return [Peer(view, self._states.get(view.peer_id)) for view in self.membership.views()]
 
     def routable(self) -> list[Peer]:
-        """Alive peers first; suspect ones after, as a last resort."""
+        """Peers with a snapshot that are alive, then suspect ones (pushes and goodbyes go
+        to both; routing tries only alive ones, see `shoal.routing.rank`)."""
         order = {PeerState.ALIVE: 0, PeerState.SUSPECT: 1}
         usable = [p for p in self.peers() if p.state is not None and p.view.state in order]
         return sorted(usable, key=lambda p: order[p.view.state])
@@ -206,6 +211,18 @@ class Peers:
 
     async def _beat(self, peer_id: str) -> None:
         """One state exchange (a heartbeat or a push); its result goes to `Membership`."""
+        if self._leaving:
+            return  # a state sent after our goodbye would bring us back into their table
+        self._exchanging += 1
+        self._quiet.clear()
+        try:
+            await self._beat_once(peer_id)
+        finally:
+            self._exchanging -= 1
+            if not self._exchanging:
+                self._quiet.set()
+
+    async def _beat_once(self, peer_id: str) -> None:
         try:
             state = await self._exchange(peer_id)
         except _BEAT_ERRORS:
@@ -228,6 +245,15 @@ class Peers:
             alive = [p.view.peer_id for p in self.routable()]
             await asyncio.gather(*(self._beat(peer_id) for peer_id in alive))
             await asyncio.sleep(self._settings.push_min_interval_s)
+
+    async def leave(self) -> None:
+        """Start no more exchanges, let those in flight end (within the heartbeat
+        timeout), then say goodbye: nothing we send can arrive after it."""
+        self._leaving = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._settings.heartbeat_timeout_s):
+                await self._quiet.wait()
+        await self.say_goodbye()
 
     async def say_goodbye(self) -> None:
         """Tell every live peer we are leaving, within GOODBYE_TIMEOUT_S."""
