@@ -201,9 +201,40 @@ def test_three_consecutive_misses_one_retry_apart_remove_a_peer() -> None:
         PeerState.REMOVED,
         Health.UNREACHABLE,
         3,
-        None,  # mDNS only: not probed; a re-announce will sight it again
+        9.0,  # rejoin probes start: a partition heals without a new mDNS announcement
     )
     assert m.routable() == []
+
+
+def test_a_discovered_peer_removed_by_misses_is_reprobed_for_hours_then_waits() -> None:
+    timing = Timing()
+    m = alive(Membership("me", timing), "a", 0.0, source="mdns")
+    for now in (5.0, 6.0, 7.0):
+        probe(m, "a", now, ok=False)
+    removed_at = 7.0
+    now, probes = removed_at, 0
+    while (due_at := view(m, "a").next_due) is not None:
+        now = due_at
+        probe(m, "a", now, ok=False)
+        probes += 1
+    # The last probe was scheduled within the horizon, at most one backoff before its end.
+    horizon = removed_at + timing.rejoin_for_s
+    assert horizon - timing.rejoin_max_s <= now <= horizon + timing.rejoin_max_s
+    assert probes <= timing.rejoin_for_s / timing.rejoin_max_s + 6
+    assert view(m, "a").state is PeerState.REMOVED
+    # Seen again: probed at once, and back.
+    m.sighted("a", A, now + 100.0, "mdns")
+    assert probe(m, "a", now + 100.0, ok=True) == [Event("joined", "a")]
+
+
+def test_a_healed_partition_rejoins_on_the_next_probe() -> None:
+    m = alive(Membership("me"), "a", 0.0, source="scan")
+    for now in (5.0, 6.0, 7.0):
+        probe(m, "a", now, ok=False)
+    assert view(m, "a").next_due == 9.0
+    assert probe(m, "a", 9.0, ok=False) == []
+    assert view(m, "a").next_due == 13.0
+    assert probe(m, "a", 13.0, ok=True) == [Event("joined", "a")]
 
 
 def test_misses_must_be_consecutive() -> None:
@@ -500,8 +531,6 @@ class MembershipMachine(RuleBasedStateMachine):
                 assert v.alive_since is not None
             else:
                 assert v.alive_since is None
-            if v.state is PeerState.REMOVED and v.sources.isdisjoint({"static", "join"}):
-                assert v.next_due is None
             if v.state is not PeerState.REMOVED:
                 assert v.next_due is not None
         assert self.m.routable() == [

@@ -20,9 +20,12 @@ sleeps until `next_due()`, like aioquic's `get_timer()`.
 Heartbeats come every 5 s for a new peer, 15 s once it has been alive a minute without a
 miss, 30 s after ten minutes. A miss makes an alive peer SUSPECT and it is checked
 again after one second, so a blip clears fast and a death is confirmed fast. A removed
-peer stays in the table: if the operator gave its address (static config or `shoal
-join`) it is re-probed with exponential backoff; one only ever seen by mDNS or a scan
-waits to be sighted again.
+peer stays in the table and is re-probed with exponential backoff: forever if the
+operator gave its address (static config or `shoal join`); for `rejoin_for_s` if it was
+removed by missed heartbeats (a pulled cable or a partition: mDNS sends nothing new for
+records it still caches, so waiting for a sighting would never heal the mesh). A peer
+that said goodbye and was only found by discovery waits to be sighted again: it
+announces itself when it starts.
 
 Discovery is a hint: anyone on the LAN can advertise a live peer's ID at another
 address. While a peer answers where it is, an mDNS or scan sighting elsewhere is
@@ -107,6 +110,10 @@ class Timing:
     # so a machine switched back on rejoins within a minute.
     rejoin_first_s: float = 2.0
     rejoin_max_s: float = 60.0
+    # A peer removed by missed heartbeats, found by discovery, is re-probed this long (a
+    # partition can last a while; after six hours it is more likely gone for good, and a
+    # sighting brings it back anyway): at most ~360 probes.
+    rejoin_for_s: float = 6 * 3600.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -161,6 +168,8 @@ class _Peer:
     next_due: float | None
     sources: set[Source] = field(default_factory=set)
     rejoin_failures: int = 0  # rejoin probes failed since it was removed
+    removed_at: float | None = None
+    left: bool = False  # removed by its own goodbye, not by missed heartbeats
     state: PeerState = PeerState.JOINING
     misses: int = 0
     last_seen: float | None = None
@@ -353,6 +362,7 @@ class Membership:
         peer.alive_since = None
         peer.interval_s = self.timing.new_interval_s
         peer.rejoin_failures = 0
+        peer.removed_at, peer.left = now, kind == "left"
         peer.next_due = self._next_rejoin_probe(peer, now)
         return [Event(kind, peer.peer_id)] if had_joined else []
 
@@ -368,13 +378,15 @@ class Membership:
         peer.next_due = self._next_rejoin_probe(peer, now)
 
     def _next_rejoin_probe(self, peer: _Peer, now: float) -> float | None:
-        if not _rejoin_probed(peer):
+        if not self._rejoin_probed(peer, now):
             return None
         return now + self.timing.rejoin.delay(peer.rejoin_failures + 1)
 
-
-def _rejoin_probed(peer: _Peer) -> bool:
-    return not peer.sources.isdisjoint(_REJOIN_PROBED_SOURCES)
+    def _rejoin_probed(self, peer: _Peer, now: float) -> bool:
+        if not peer.sources.isdisjoint(_REJOIN_PROBED_SOURCES):
+            return True
+        removed_for = now - (now if peer.removed_at is None else peer.removed_at)
+        return not peer.left and removed_for < self.timing.rejoin_for_s
 
 
 def _view_of(peer: _Peer) -> PeerView:

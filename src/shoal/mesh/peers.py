@@ -142,6 +142,12 @@ class Peers:
             self._bus.publish(PeerRemoved(peer_id, self._name(peer_id), "untrusted"))
         self.membership.forget(peer_id)
         self._states.pop(peer_id, None)
+        self._close_links(peer_id)
+
+    def _close_links(self, peer_id: str) -> None:
+        """Close the peer's pooled connections: requests in flight on them fail at once
+        (and are retried elsewhere if nothing reached the client yet), rather than wait
+        out the read timeout on a peer that no longer answers."""
         for key in [k for k in self._links if k[0] == peer_id]:
             task = asyncio.ensure_future(self._links.pop(key).aclose())
             self._closing.add(task)
@@ -165,6 +171,8 @@ class Peers:
     def _apply(self, events: list[Event]) -> None:
         for event in events:
             self._bus.publish(self._typed(event))
+            if event.kind in ("suspect", "removed", "left"):
+                self._close_links(event.peer_id)
 
     def _typed(self, event: Event) -> PeerEvent:
         peer_id, name = event.peer_id, self._name(event.peer_id)

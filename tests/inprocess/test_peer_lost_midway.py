@@ -1,0 +1,64 @@
+"""A peer that stops answering while requests are in flight to it (issue 9, item 11).
+
+Suspecting a peer closes its pooled connections: a request waiting for its answer fails
+at once and, since nothing reached the client yet, is retried on another holder, instead
+of waiting out the read timeout (300 s) on a peer that no longer answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+
+from shoal.events import PeerSuspect
+from tests.cluster import cluster, wait_until
+
+CHAT = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_a_request_in_flight_to_a_peer_gone_suspect_is_retried_on_another_holder(
+    tmp_path: Path,
+) -> None:
+    holds = {0: ("m",), 1: ("m", "x"), 2: ("m", "x")}
+    async with cluster(tmp_path, 3, mode="secret", models=holds.__getitem__) as (a, b, c):
+        for other in (b, c):
+            await a.node.admission.meet(other.url, "join")
+        await wait_until(
+            lambda: len(
+                [
+                    m
+                    for m in a.node.views.models(local_only=False)["data"]
+                    if m["id"] == "x" and len(m["nodes"]) == 2
+                ]
+            ),
+            10,
+            "a to know both holders of x",
+        )
+        for holder in (b, c):
+            holder.backend.gate = asyncio.Event()  # neither answers yet
+
+        async def chat() -> tuple[int, str]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(a.url + "/v1/chat/completions", json=CHAT) as response,
+            ):
+                return response.status, (await response.json()).get("served", "")
+
+        request = asyncio.create_task(chat())
+        first = await wait_until(
+            lambda: next((h for h in (b, c) if h.backend.sent), None), 5, "a holder to get it"
+        )
+        other = c if first is b else b
+        assert other.backend.gate is not None
+        other.backend.gate.set()
+        started = time.monotonic()
+        a.node.peers.request_failed(first.node_id)  # as a failed heartbeat would
+        await a.wait_for(PeerSuspect, peer_id=first.node_id)
+        status, served = await asyncio.wait_for(request, 5)
+        assert (status, served) == (200, other.backend.name)
+        assert time.monotonic() - started < 2.0
+        assert first.backend.gate is not None
+        first.backend.gate.set()
