@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import orjson
 
 from shoal.backends.base import BackendStatus, Health, ModelInfo, Operation
@@ -107,6 +108,15 @@ class RunningNode:
 
 
 T = TypeVar("T")
+
+
+async def chat(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+    """POST a chat completion to the node at `url`: status, headers and JSON answer."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url + "/v1/chat/completions", json=body) as response,
+    ):
+        return response.status, dict(response.headers), await response.json()
 
 
 async def wait_until(condition: Callable[[], T], within: float, what: str) -> T:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
-
-import aiohttp
 
 from shoal.backends.base import BackendStatus, Health
 from shoal.events import (
@@ -21,17 +18,9 @@ from shoal.events import (
     RequestFirstByte,
     RequestRouted,
 )
-from tests.cluster import cluster, wait_until
+from tests.cluster import chat, cluster, wait_until
 
 CHAT = {"model": "only-on-b", "messages": [{"role": "user", "content": "hi"}]}
-
-
-async def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(url + "/v1/chat/completions", json=body) as response,
-    ):
-        return response.status, dict(response.headers), await response.json()
 
 
 async def test_a_request_for_a_peers_model_is_forwarded_counted_and_told(
@@ -48,7 +37,7 @@ async def test_a_request_for_a_peers_model_is_forwarded_counted_and_told(
             "a to know b's models",
         )
         gate = b.backend.gate = asyncio.Event()
-        request = asyncio.create_task(post(a.url, CHAT))
+        request = asyncio.create_task(chat(a.url, CHAT))
         await wait_until(lambda: a.node.ledger.peer(b.node_id) == 1, 5, "a to count the hop")
         assert a.node.ledger.local_in_flight == 0
         assert b.node.ledger.local_in_flight == 1
@@ -70,7 +59,7 @@ async def test_a_request_for_a_peers_model_is_forwarded_counted_and_told(
 
 async def test_an_unknown_model_is_a_404_and_finishes_failed(tmp_path: Path) -> None:
     async with cluster(tmp_path, 1) as (a,):
-        status, _, answer = await post(a.url, {**CHAT, "model": "nope"})
+        status, _, answer = await chat(a.url, {**CHAT, "model": "nope"})
         assert status == 404
         assert answer["error"]["code"] == "model_not_found"
         finished = await a.wait_for(RequestFinished)

@@ -10,23 +10,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
-
-import aiohttp
 
 from shoal.events import PeerRemoved
 from shoal.mesh.membership import PeerState
-from tests.cluster import RunningNode, cluster, wait_until
+from tests.cluster import RunningNode, chat, cluster, wait_until
 
 CHAT = {"model": "only-on-b", "messages": [{"role": "user", "content": "hi"}]}
-
-
-async def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(url + "/v1/chat/completions", json=body) as response,
-    ):
-        return response.status, dict(response.headers), await response.json()
 
 
 def state_of(a: RunningNode, peer_id: str) -> PeerState | None:
@@ -47,7 +36,7 @@ async def test_a_holder_that_said_goodbye_makes_its_model_503_with_retry_after(
                 10,
                 "a to know b's models",
             )
-            status, _, answer = await post(a.url, CHAT)
+            status, _, answer = await chat(a.url, CHAT)
             assert (status, answer["served"]) == (200, "fake0")  # b served it, via a
         # b has stopped and said goodbye; a keeps its last snapshot.
         await a.wait_for(PeerRemoved, peer_id=b.node_id, reason="left")
@@ -59,7 +48,7 @@ async def test_a_holder_that_said_goodbye_makes_its_model_503_with_retry_after(
         assert peer.state is not None and any(m.id == "only-on-b" for m in peer.state.models)
 
         started = time.monotonic()
-        status, headers, answer = await post(a.url, CHAT)
+        status, headers, answer = await chat(a.url, CHAT)
         elapsed = time.monotonic() - started
         assert status == 503
         assert headers["Retry-After"] == "5"
@@ -69,7 +58,7 @@ async def test_a_holder_that_said_goodbye_makes_its_model_503_with_retry_after(
         assert "(removed)" in error["message"]
         assert elapsed < 1.0  # nothing was dialled
 
-        status, _, answer = await post(a.url, {**CHAT, "model": "never-held"})
+        status, _, answer = await chat(a.url, {**CHAT, "model": "never-held"})
         assert (status, answer["error"]["code"]) == (404, "model_not_found")
         assert b.backend.sent  # the first request reached b; none since
         assert len(b.backend.sent) == 1
