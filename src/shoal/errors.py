@@ -8,6 +8,7 @@
     │   ├── ModelNotFound          404
     │   ├── NotFound               404  unknown path
     │   ├── MethodNotAllowed       405
+    │   ├── RequestTimeout         408  the body did not arrive in time
     │   └── PayloadTooLarge        413
     ├── BusyError              429/503 with Retry-After: try again later
     │   └── BackendUnavailable     503  the backend is down or restarting
@@ -68,6 +69,11 @@ class NotFound(ClientError):
 class MethodNotAllowed(ClientError):
     status = 405
     code = "method_not_allowed"
+
+
+class RequestTimeout(ClientError):
+    status = 408
+    code = "request_timeout"
 
 
 class PayloadTooLarge(ClientError):

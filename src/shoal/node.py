@@ -211,7 +211,11 @@ class Node:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; every background task ends with the node, not before."""
         runner = self._runner = web.AppRunner(
-            self.app, handler_cancellation=True, access_log=None, **HEADER_LIMITS
+            self.app,
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=self.settings.limits.idle_timeout_s,
+            **HEADER_LIMITS,
         )
         await runner.setup()
         host = self.settings.bind_host

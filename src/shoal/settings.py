@@ -127,6 +127,12 @@ class LimitSettings(_Section):
     # Seconds to wait for the first byte of an answer (a queued request on a busy
     # engine waits here) and between two chunks of a stream.
     read_timeout_s: float = Field(default=300.0, gt=0)
+    # Seconds a client has to send a request body once its headers are in: 8 MiB crosses
+    # a slow LAN in a second or two; a body that trickles in for longer is refused (408).
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    # Seconds an idle keep-alive connection stays open, on both ports (nginx's 75 s;
+    # aiohttp's default is an hour, which lets idle connections pile up).
+    idle_timeout_s: float = Field(default=75.0, gt=0)
 
 
 class RoutingSettings(_Section):

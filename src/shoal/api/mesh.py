@@ -13,21 +13,21 @@ import orjson
 from aiohttp import web
 
 from shoal.api.access import CALLER
+from shoal.api.bodies import read_body
 from shoal.api.operator import json
-from shoal.api.services import ADMISSION, OWN_STATE, PEERS
-from shoal.errors import Forbidden, InvalidRequest, PayloadTooLarge
+from shoal.api.services import ADMISSION, LIMITS, OWN_STATE, PEERS
+from shoal.errors import Forbidden, InvalidRequest
 from shoal.mesh.state import ProtocolError, decode
 from shoal.trust.handshake import HandshakeError
 
 log = logging.getLogger(__name__)
 
-# Body caps, per route, enforced before reading (`_read_capped`).
+# Body caps, per route, enforced before reading (`shoal.api.bodies`).
 #: A snapshot with thousands of models is still far below 1 MiB.
 STATE_MAX_BYTES = 1 << 20
 #: Anyone may send a handshake message: a hello is about 1.5 KiB (its certificate at
 #: most 4 KiB), so 16 KiB is room enough and costs a stranger's request little memory.
 HANDSHAKE_MAX_BYTES = 16 * 1024
-_READ_BYTES = 1 << 16
 
 
 def _peer(request: web.Request) -> str:
@@ -40,7 +40,7 @@ async def exchange_state(request: web.Request) -> web.Response:
     """A peer's heartbeat or push: take its snapshot, answer with ours."""
     peer_id = _peer(request)
     try:
-        state = decode(await _read_capped(request, STATE_MAX_BYTES))
+        state = decode(await _read(request, STATE_MAX_BYTES))
     except ProtocolError as exc:
         raise InvalidRequest(f"not a Shoal state snapshot: {exc}") from None
     if state.node_id != peer_id:
@@ -76,7 +76,7 @@ async def trust_confirm(request: web.Request) -> web.Response:
 async def _message(request: web.Request) -> dict[str, object]:
     """The handshake message's JSON object, still to be checked (by `Trust`)."""
     try:
-        document = orjson.loads(await _read_capped(request, HANDSHAKE_MAX_BYTES))
+        document = orjson.loads(await _read(request, HANDSHAKE_MAX_BYTES))
     except orjson.JSONDecodeError:
         raise InvalidRequest("not a JSON handshake message") from None
     if not isinstance(document, dict):
@@ -84,18 +84,8 @@ async def _message(request: web.Request) -> dict[str, object]:
     return document
 
 
-async def _read_capped(request: web.Request, limit: int) -> bytes:
-    """The body, at most `limit` bytes: a declared larger one is refused before reading
-    any of it, a chunked one as soon as it passes the limit (413 either way)."""
-    too_large = PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    body = bytearray()
-    while chunk := await request.content.read(_READ_BYTES):
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
+async def _read(request: web.Request, limit: int) -> bytes:
+    return await read_body(request, limit, request.app[LIMITS].body_timeout_s)
 
 
 def _address(ip: str, port: int) -> str:

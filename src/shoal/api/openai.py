@@ -5,11 +5,11 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
+from shoal.api.bodies import read_body
 from shoal.api.relay import relay
 from shoal.api.requests import ChatRequest, CompletionRequest, EmbeddingRequest, RequestBody, parse
 from shoal.api.services import DISPATCHER, LIMITS, VIEWS
 from shoal.backends.base import Operation
-from shoal.errors import PayloadTooLarge
 from shoal.protocol import ROUTE_HEADER, SERVED_BY_HEADER
 from shoal.routing.rank import hop_policy
 
@@ -37,7 +37,8 @@ async def _forward(
     request: web.Request, op: Operation, schema: type[RequestBody]
 ) -> web.StreamResponse:
     app = request.app
-    raw = await _read_body(request, app[LIMITS].max_body_bytes)
+    limits = app[LIMITS]
+    raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
     body = parse(schema, raw)
     policy = hop_policy(request.headers)
     async with app[DISPATCHER].open(op, body.model, raw, policy) as opened:
@@ -45,14 +46,3 @@ async def _forward(
         if opened.upstream.served_by:  # the peer that produced it says so
             headers[SERVED_BY_HEADER] = opened.upstream.served_by
         return await relay(request, opened, headers)
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    # Refuse a declared oversize body before reading any of it; a chunked body is cut
-    # off by aiohttp at the application's client_max_size while it is read.
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes") from None
