@@ -64,7 +64,7 @@ from shoal.settings import DEFAULT_PORT, Settings
 from shoal.supervise import RESTART_BACKOFF, supervise
 from shoal.trust.admission import Admission
 from shoal.trust.keys import KeyStore
-from shoal.trust.secret import protect_data_dir
+from shoal.trust.secret import is_token, protect_data_dir
 from shoal.trust.service import Trust
 from shoal.trust.store import TrustState
 
@@ -235,6 +235,14 @@ class Node:
                 log.warning(
                     "OPEN cluster on the LAN: any Shoal node on this network may join and "
                     "use this node. Set a secret (shoal token create) or use pairing."
+                )
+            secret = self.trust.secret()
+            if self.trust.mode == "secret" and secret and not is_token(secret):
+                log.warning(
+                    "the cluster secret in %s is not one `shoal token create` makes: a short "
+                    "or guessable secret can be found from one handshake by trying "
+                    "candidates offline. Replace it: `shoal token rotate`.",
+                    self.settings.data_dir,
                 )
             background: dict[str, Callable[[], Awaitable[None]]] = {
                 "backend registry": self.registry.run,

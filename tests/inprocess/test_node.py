@@ -7,7 +7,10 @@ the story the events tell, the views; and the reactions the root subscribes.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
+
+import pytest
 
 from shoal.backends.base import BackendStatus, Health
 from shoal.events import (
@@ -18,7 +21,9 @@ from shoal.events import (
     RequestFirstByte,
     RequestRouted,
 )
-from tests.cluster import chat, cluster, wait_until
+from shoal.node import Node
+from shoal.trust import secret as secret_mod
+from tests.cluster import chat, cluster, node_settings, wait_until
 
 CHAT = {"model": "only-on-b", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -101,3 +106,19 @@ async def test_status_and_peers_views(tmp_path: Path) -> None:
         assert (peer["node_id"], peer["health"], peer["name"]) == (b.node_id, "healthy", "n1")
         pairs = a.node.views.pairs()
         assert [(n["node_id"], n["state"]) for n in pairs["nodes"]] == [(b.node_id, "paired")]
+
+
+@pytest.mark.parametrize(("secret", "warned"), [("shoal-ct-abc", True), (None, False)])
+async def test_a_weak_cluster_secret_is_warned_about_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, secret: str | None, warned: bool
+) -> None:
+    settings = node_settings(tmp_path, "n0", "secret")
+    secret_mod.write_secret(settings.data_dir, secret or secret_mod.new_secret())
+    node = Node(settings)
+    stop = asyncio.Event()
+    with caplog.at_level(logging.INFO, logger="shoal.node"):
+        task = asyncio.create_task(node.run(stop))
+        await wait_until(lambda: "listening on" in caplog.text, 10, "the node to start")
+        stop.set()
+        await task
+    assert ("not one `shoal token create` makes" in caplog.text) is warned
