@@ -103,6 +103,15 @@ class RunningNode:
         """The first recorded event of `kind` matching `match`, waiting up to `within` s."""
         return (await wait_until(lambda: self.seen(kind, **match), within, kind.__name__))[0]
 
+    async def wait_for_model(self, model: str, holders: int = 1) -> None:
+        """Until this node lists `model` as held by `holders` nodes of the cluster."""
+
+        def listed() -> bool:
+            found = self.node.views.models(local_only=False)["data"]
+            return any(m["id"] == model and len(m["nodes"]) >= holders for m in found)
+
+        await wait_until(listed, 10, f"{self.node.name} to know {holders} holder(s) of {model}")
+
     def alive_peers(self) -> list[str]:
         return [p.view.peer_id for p in self.node.peers.peers() if p.view.state is ALIVE]
 

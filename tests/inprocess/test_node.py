@@ -34,13 +34,7 @@ async def test_a_request_for_a_peers_model_is_forwarded_counted_and_told(
     models = {0: ("m",), 1: ("m", "only-on-b")}
     async with cluster(tmp_path, 2, mode="secret", models=models.__getitem__) as (a, b):
         await a.node.admission.meet(b.url, "join")
-        await wait_until(
-            lambda: any(
-                m["id"] == "only-on-b" for m in a.node.views.models(local_only=False)["data"]
-            ),
-            10,
-            "a to know b's models",
-        )
+        await a.wait_for_model("only-on-b")
         gate = b.backend.gate = asyncio.Event()
         request = asyncio.create_task(chat(a.url, CHAT))
         await wait_until(lambda: a.node.ledger.peer(b.node_id) == 1, 5, "a to count the hop")

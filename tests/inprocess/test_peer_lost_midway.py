@@ -24,17 +24,7 @@ async def test_a_request_in_flight_to_a_peer_gone_suspect_is_retried_on_another_
     async with cluster(tmp_path, 3, mode="secret", models=holds.__getitem__) as (a, b, c):
         for other in (b, c):
             await a.node.admission.meet(other.url, "join")
-        await wait_until(
-            lambda: len(
-                [
-                    m
-                    for m in a.node.views.models(local_only=False)["data"]
-                    if m["id"] == "x" and len(m["nodes"]) == 2
-                ]
-            ),
-            10,
-            "a to know both holders of x",
-        )
+        await a.wait_for_model("x", holders=2)
         for holder in (b, c):
             holder.backend.gate = asyncio.Event()  # neither answers yet
 

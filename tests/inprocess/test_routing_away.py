@@ -29,13 +29,7 @@ async def test_a_holder_that_said_goodbye_makes_its_model_503_with_retry_after(
     async with cluster(tmp_path / "a", 1) as (a,):
         async with cluster(tmp_path / "b", 1, models=lambda i: ("m", "only-on-b")) as (b,):
             await a.node.admission.meet(b.url, "join")
-            await wait_until(
-                lambda: any(
-                    m["id"] == "only-on-b" for m in a.node.views.models(local_only=False)["data"]
-                ),
-                10,
-                "a to know b's models",
-            )
+            await a.wait_for_model("only-on-b")
             status, _, answer = await chat(a.url, CHAT)
             assert (status, answer["served"]) == (200, "fake0")  # b served it, via a
         # b has stopped and said goodbye; a keeps its last snapshot.

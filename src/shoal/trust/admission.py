@@ -177,13 +177,12 @@ class Admission:
 
     def _changed(self, met: Met, address: str, source: Source, *, contact: bool) -> None:
         node = met.node
-        if not met.changed:
-            if node.state is TrustState.PAIRED and contact:
-                self._roster.sighted(node.node_id, address, source)
-            return
         if node.state is TrustState.PAIRED and contact and address:
             self._roster.sighted(node.node_id, address, source)
-        self._bus.publish(TrustChanged(node.node_id, node.name, address, met.previous, node.state))
+        if met.changed:
+            self._bus.publish(
+                TrustChanged(node.node_id, node.name, address, met.previous, node.state)
+            )
 
     # -- tasks ---------------------------------------------------------------------------
 
