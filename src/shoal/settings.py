@@ -124,9 +124,24 @@ class LimitSettings(_Section):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # Seconds to open a TCP connection to a backend on this machine or the LAN.
     connect_timeout_s: float = Field(default=3.0, gt=0)
-    # Seconds to wait for the first byte of an answer (a queued request on a busy
-    # engine waits here) and between two chunks of a stream.
+    # Seconds to wait for the first byte of an answer: a queued request on a busy engine,
+    # or a long prompt being read, waits here.
     read_timeout_s: float = Field(default=300.0, gt=0)
+    # Seconds between two chunks of an answer once it has begun. Tokens come every few
+    # tens of ms; an answer silent for this long is stalled (a cable pulled, a hung
+    # engine) and ends with an error instead of holding its client for minutes.
+    stall_timeout_s: float = Field(default=20.0, gt=0)
+    # Seconds a client has to send a complete request head (request line and headers),
+    # counted from its connection or its previous answer: a slowloris connection that
+    # trickles headers is closed after this, on both ports.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    # Open connections from one address on the LAN, on both ports together; loopback is
+    # never counted, so the operator and local clients are always served. A desktop
+    # browser opens 6 per host, an SDK client pool 10-100.
+    max_connections_per_source: int = Field(default=128, ge=1)
+    # Open connections from the LAN in total. 0: from the open file limit, keeping a
+    # quarter of it (at least 256) for loopback, backends, peers and files.
+    max_connections: int = Field(default=0, ge=0)
     # Seconds a client has to send a request body once its headers are in: 8 MiB crosses
     # a slow LAN in a second or two; a body that trickles in for longer is refused (408).
     body_timeout_s: float = Field(default=30.0, gt=0)
