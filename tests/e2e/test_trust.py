@@ -204,20 +204,28 @@ async def _attack(url: str, secret: str, home: Path) -> None:
             async with session.post(url + path, data=orjson.dumps(doc)) as response:
                 return response.status, orjson.loads(await response.read())
 
-        nonce_a = handshake.new_nonce()
-        hello = {"mode": "secret", "node_id": me.node_id, "name": "x", "api_port": 1,
-                 "public_key": b64(me.public_key), "cert": cert.decode(), "peer_port": 1,
-                 "nonce": b64(nonce_a)}  # fmt: skip
-        status, reply = await post("/shoal/v1/trust/hello", hello)
-        assert status == 200
-        pk_b, nonce_b = base64.b64decode(reply["public_key"]), base64.b64decode(reply["nonce"])
-        t = handshake.transcript("secret", me.public_key, pk_b, nonce_a, nonce_b)
-        confirm = {
-            "nonce": reply["nonce"],
-            "signature": b64(me.sign(b"initiator|" + t)),
-            "proof": b64(handshake.secret_proof(secret, b"initiator", t)),
-        }
-        assert (await post("/shoal/v1/trust/confirm", confirm))[0] == 200
+        async def run(guess: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+            """Hello with a key share made from `guess`; the hello and the confirm to send."""
+            nonce_a = handshake.new_nonce()
+            share = handshake.key_share(guess, me.public_key, nonce_a)
+            hello = {"v": 2, "mode": "secret", "node_id": me.node_id, "name": "x",
+                     "api_port": 1, "public_key": b64(me.public_key), "cert": cert.decode(),
+                     "peer_port": 1, "nonce": b64(nonce_a), "pake": b64(share.public)}  # fmt: skip
+            status, reply = await post("/shoal/v1/trust/hello", hello)
+            assert status == 200 and "proof" not in reply  # nothing to guess offline on
+            pk_b, nonce_b = base64.b64decode(reply["public_key"]), base64.b64decode(reply["nonce"])
+            share_b = base64.b64decode(reply["pake"])
+            t = handshake.transcript(
+                "secret", me.public_key, pk_b, nonce_a, nonce_b, (share.public, share_b)
+            )
+            key = handshake.session_key(share, share_b, nonce_a, initiator=True)
+            confirm = {"nonce": reply["nonce"], "signature": b64(me.sign(b"initiator|" + t)),
+                       "proof": b64(handshake.key_proof(key, b"initiator", t))}  # fmt: skip
+            return hello, confirm, handshake.key_proof(key, b"responder", t)
+
+        hello, confirm, their_proof = await run(secret)
+        status, answer = await post("/shoal/v1/trust/confirm", confirm)
+        assert status == 200 and base64.b64decode(answer["proof"]) == their_proof
         # The same confirm again: refused.
         status, error = await post("/shoal/v1/trust/confirm", confirm)
         assert status == 403 and "replayed" in error["error"]["message"]
@@ -226,11 +234,7 @@ async def _attack(url: str, secret: str, home: Path) -> None:
         status, error = await post("/shoal/v1/trust/hello", forged)
         assert status == 403 and "does not match" in error["error"]["message"]
         # A proof made with the wrong secret: refused, and nothing paired.
-        status, reply = await post("/shoal/v1/trust/hello", {**hello, "nonce": b64(nonce_a)})
-        nonce_b = base64.b64decode(reply["nonce"])
-        t = handshake.transcript("secret", me.public_key, pk_b, nonce_a, nonce_b)
-        wrong = {"nonce": reply["nonce"], "signature": b64(me.sign(b"initiator|" + t)),
-                 "proof": b64(handshake.secret_proof(new_secret(), b"initiator", t))}  # fmt: skip
+        _, wrong, _ = await run(new_secret())
         status, error = await post("/shoal/v1/trust/confirm", wrong)
         assert status == 403 and "secret mismatch" in error["error"]["message"]
 

@@ -81,7 +81,7 @@ def _hello(home: Path, **fields: Any) -> dict[str, Any]:
     me = identity.load_or_create(home)
     cert = certs.load_or_create_cert(me, home).decode()
     doc = {
-        "mode": "open", "node_id": me.node_id, "name": "stranger",
+        "v": 2, "mode": "open", "node_id": me.node_id, "name": "stranger",
         "public_key": base64.b64encode(me.public_key).decode(), "cert": cert,
         "api_port": 11450, "peer_port": 11451,
         "nonce": base64.b64encode(b"n" * 32).decode(),

@@ -49,14 +49,16 @@ class Sender:
 
     def hello(self, **fields: Any) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "mode": "secret", "node_id": self.me.node_id, "name": "studio",
+            "v": 2, "mode": "secret", "node_id": self.me.node_id, "name": "studio",
             "public_key": b64(self.me.public_key), "cert": self.cert, "api_port": 11450,
-            "peer_port": 11451, "nonce": b64(b"a" * 32),
+            "peer_port": 11451, "nonce": b64(b"a" * 32), "pake": b64(b"k" * 32),
         }  # fmt: skip
+        if fields.get("mode", "secret") != "secret":
+            del doc["pake"]  # a key share is sent in secret mode only
         return {**doc, **fields}
 
     def hello_reply(self) -> dict[str, Any]:
-        doc = self.hello(signature=b64(b"s" * 64), proof=b64(b"p" * 32))
+        doc = self.hello(signature=b64(b"s" * 64))
         del doc["api_port"]
         return doc
 
@@ -71,7 +73,7 @@ def valid(sender: Sender) -> dict[type[handshake._Message], dict[str, Any]]:
         Hello: sender.hello(),
         HelloReply: sender.hello_reply(),
         Confirm: {"nonce": b64(b"b" * 32), "signature": b64(b"s" * 64)},
-        ConfirmReply: {"trust": "pending", "code": "012345"},
+        ConfirmReply: {"trust": "paired", "code": "012345", "proof": b64(b"p" * 32)},
     }
 
 
@@ -136,6 +138,8 @@ def test_mutated_valid_messages_are_accepted_or_refused_with_a_reason(
     accepted = only_handshake_errors(kind, document)
     if how in ("drop", "extra") and not (how == "drop" and key == "proof"):
         assert not accepted  # every field but a proof is required; no field is unknown
+    if how == "drop" and key == "pake":
+        assert not accepted  # in secret mode the key share is required
 
 
 @HYPOTHESIS
@@ -216,6 +220,32 @@ def test_a_certificate_or_id_for_another_key_is_refused(sender: Sender, tmp_path
         parse(Hello, sender.hello(node_id=other.me.node_id))
 
 
+def test_a_key_share_goes_with_secret_mode_and_only_there(sender: Sender) -> None:
+    no_share = {k: v for k, v in sender.hello().items() if k != "pake"}
+    with pytest.raises(HandshakeError, match=r"a key share .* in secret mode, and only there"):
+        parse(Hello, no_share)
+    with pytest.raises(HandshakeError, match=r"a key share .* in secret mode, and only there"):
+        parse(Hello, {**sender.hello(), "mode": "pairing"})
+    assert parse(Hello, sender.hello(mode="pairing")).pake is None
+    with pytest.raises(HandshakeError, match="'pake': must be 32 bytes"):
+        parse(Hello, sender.hello(pake=b64(b"k" * 31)))
+
+
+@pytest.mark.parametrize(
+    ("version", "said"), [(None, "1"), (1, "1"), (3, "3"), ("2", "unknown"), (True, "unknown")]
+)
+def test_another_protocol_version_is_named_before_the_schema(
+    sender: Sender, version: object, said: str
+) -> None:
+    document = sender.hello(v=version)
+    if version is None:
+        del document["v"]  # what an older Shoal sends
+    with pytest.raises(HandshakeError, match=rf"hello in handshake protocol {said}; this node"):
+        handshake.check_version(document, "hello")
+    handshake.check_version(sender.hello(), "hello")  # ours passes
+    handshake.check_version([], "hello")  # not a message at all: the schema's to refuse
+
+
 def test_an_unknown_field_is_refused_and_named_escaped(sender: Sender) -> None:
     with pytest.raises(HandshakeError, match=r"'junk\\n\\x1b\[2J': Extra inputs"):
         parse(Hello, sender.hello(**{"junk\n\x1b[2J": "x" * 10_000}))
@@ -238,12 +268,14 @@ def test_junk_padded_hellos_are_refused_and_open_handshakes_stay_bounded(
     # and nothing kept.
     for i in range(300):
         with pytest.raises(HandshakeError, match="Extra inputs are not permitted"):
-            trust.hello(sender.hello(padding="x" * 12_000, nonce=b64(i.to_bytes(32, "big"))))
+            trust.hello(
+                sender.hello(padding="x" * 12_000, nonce=b64(i.to_bytes(32, "big"))), "192.0.2.1"
+            )
     assert trust.open_handshakes() == 0
     # 300 valid hellos: each is answered, the oldest open ones make way for new ones, and
     # what is kept is the few validated fields the confirm needs.
     for i in range(300):
-        reply = trust.hello(sender.hello(nonce=b64(i.to_bytes(32, "big"))))
+        reply = trust.hello(sender.hello(nonce=b64(i.to_bytes(32, "big"))), "192.0.2.1")
         assert parse(HelloReply, reply).mode == "secret"
         assert trust.open_handshakes() <= MAX_OPEN_HANDSHAKES
     assert trust.open_handshakes() == MAX_OPEN_HANDSHAKES
@@ -258,6 +290,6 @@ def test_the_responder_refuses_every_malformed_message_with_a_handshake_error(
     trust = responder(tmp_path)
     for document in ([], "hello", None, {}, sender.hello(api_port="80"), {"nonce": 1}):
         with pytest.raises(HandshakeError):
-            trust.hello(document)
+            trust.hello(document, "192.0.2.1")
         with pytest.raises(HandshakeError):
             trust.confirm(document, "192.0.2.1")

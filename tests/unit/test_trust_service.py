@@ -23,7 +23,10 @@ def trust_in(home: Path, **settings: Any) -> Trust:
 
 def hello_from(trust: Trust, name: str = "other") -> dict[str, object]:
     """A well-formed hello as `trust`'s node would send it."""
+    secret = trust.secret()
+    share = handshake.key_share(secret, trust.identity.public_key, b"n" * 32) if secret else None
     return handshake.Hello(
+        v=handshake.VERSION,
         mode=trust.mode,
         node_id=trust.identity.node_id,
         name=name,
@@ -32,6 +35,7 @@ def hello_from(trust: Trust, name: str = "other") -> dict[str, object]:
         api_port=11450,
         peer_port=11451,
         nonce=b"n" * 32,
+        pake=share.public if share else None,
     ).wire()
 
 
@@ -58,14 +62,14 @@ def test_a_hello_in_another_mode_is_refused_with_the_reason(tmp_path: Path) -> N
     trust = trust_in(tmp_path / "a", lan=True)
     other = trust_in(tmp_path / "b", lan=True, cluster={"mode": "open"})
     with pytest.raises(HandshakeError, match="cluster mode mismatch"):
-        trust.hello(hello_from(other))
+        trust.hello(hello_from(other), "192.0.2.1")
 
 
 def test_a_hello_from_our_own_key_is_a_copied_data_dir(tmp_path: Path) -> None:
     trust = trust_in(tmp_path)
 
     with pytest.raises(HandshakeError, match="copied data dir"):
-        trust.hello(hello_from(trust, name="the copy"))
+        trust.hello(hello_from(trust, name="the copy"), "192.0.2.1")
     assert trust.duplicate_seen_at == "the copy"
 
 

@@ -1,6 +1,8 @@
 """`TrustStore`: finding a node by whatever a person types, and keeping trust on disk.
 
-No clock is read for real: the pending rate limit runs on a clock the test moves.
+No clock is read for real: the pending list runs on a clock the test moves. Who may
+wait in it is `PendingBook`'s decision, tested alone in test_trust_pending.py; here, that
+the store applies it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,8 @@ from hypothesis import strategies as st
 from shoal.errors import ConfigError
 from shoal.mesh.identity import short_id
 from shoal.trust import store as store_mod
-from shoal.trust.store import (
-    MAX_PENDING,
-    NEW_PENDING_PER_MINUTE,
-    PendingFull,
-    TrustedNode,
-    TrustState,
-    TrustStore,
-)
+from shoal.trust.pending import MAX_PENDING, NEW_PER_MINUTE, PendingFull
+from shoal.trust.store import TrustedNode, TrustState, TrustStore
 
 
 class Clock:
@@ -62,17 +58,25 @@ def id_with_short_digits(digits: str) -> str:
     return head.hex() + secrets.token_hex(22)
 
 
-def meet(store: TrustStore, node_id: str, *, name: str = "", paired: bool = False) -> TrustedNode:
+def meet(
+    store: TrustStore,
+    node_id: str,
+    *,
+    name: str = "",
+    paired: bool = False,
+    address: str | None = None,
+) -> TrustedNode:
+    """Meet a node; by default at an address of its own (one request per address waits)."""
     return store.met(
         node_id,
         bytes.fromhex(node_id)[:32],
         paired=paired,
         name=name,
-        address="http://10.0.0.7:11450",
+        address=address or "http://10.{}.{}.{}:11450".format(*bytes.fromhex(node_id[-6:])),
         code="123456",
         cert="-----BEGIN CERTIFICATE-----\n",
         peer_port=11451,
-    )
+    ).node
 
 
 def digits_of(node_id: str) -> str:
@@ -294,7 +298,7 @@ def test_meeting_again_updates_what_it_says_and_pairs_only_a_pending_node(
     again = store.met(
         node_id, b"k", paired=False, name="new", address="http://10.0.0.8:1",
         code="654321", cert="C", peer_port=2,
-    )  # fmt: skip
+    ).node  # fmt: skip
     assert (again.state, again.name, again.address, again.code, again.cert, again.peer_port) == (
         TrustState.PENDING, "new", "http://10.0.0.8:1", "654321", "C", 2,
     )  # fmt: skip
@@ -319,40 +323,63 @@ def test_set_state_and_forget_are_saved_at_once(store: TrustStore) -> None:
         store.set_state(drop.node_id, TrustState.PAIRED)
 
 
-# -- the pending list: capped and rate-limited ----------------------------------------
+# -- the pending list, as the store applies it ---------------------------------------
 
 
-def test_new_pending_nodes_are_rate_limited(store: TrustStore, clock: Clock) -> None:
-    for _ in range(NEW_PENDING_PER_MINUTE):
-        meet(store, random_id())
+def test_a_new_identity_from_the_same_address_takes_the_place_of_the_old(
+    store: TrustStore, clock: Clock
+) -> None:
+    first = meet(store, random_id(), address="http://10.0.0.7:11450")
+    clock.now += 1
+    second = meet(store, random_id(), address="http://10.0.0.7:11450")
+    assert [n.node_id for n in store.nodes()] == [second.node_id]
+    assert TrustStore(store.path).get(first.node_id) is None  # saved
+    # A paired node at that address is never touched; only pending requests make way.
+    paired = meet(store, random_id(), paired=True, address="http://10.0.0.7:11450")
+    third = meet(store, random_id(), address="http://10.0.0.7:11450")
+    assert {n.node_id for n in store.nodes()} == {paired.node_id, third.node_id}
+
+
+def test_met_says_which_requests_made_way(store: TrustStore, clock: Clock) -> None:
+    old = meet(store, random_id(), address="http://10.0.0.7:11450")
+    meeting = store.met(
+        random_id(), b"k" * 32, paired=False, name="n", address="http://10.0.0.7:1",
+        code="123456", cert="C", peer_port=2,
+    )  # fmt: skip
+    assert [n.node_id for n in meeting.dropped] == [old.node_id]
+
+
+def test_one_address_asking_too_fast_is_refused_and_others_are_not(
+    store: TrustStore, clock: Clock
+) -> None:
+    for _ in range(NEW_PER_MINUTE):
+        meet(store, random_id(), address="http://10.0.0.66:11450")
     refused = random_id()
-    with pytest.raises(PendingFull):
-        meet(store, refused)
-    assert store.get(refused) is None
-    assert TrustStore(store.path).get(refused) is None
-    # Neither a paired meeting nor a known node meeting again counts against it.
-    meet(store, random_id(), paired=True)
-    meet(store, store.nodes()[0].node_id)
-    clock.now += 59
-    with pytest.raises(PendingFull):
-        meet(store, refused)
-    clock.now += 1.5  # the first ten are over a minute old now
-    assert meet(store, refused).state is TrustState.PENDING
+    with pytest.raises(PendingFull) as raised:
+        meet(store, refused, address="http://10.0.0.66:11450")
+    assert 0 < raised.value.retry_after <= 60
+    assert store.get(refused) is None and TrustStore(store.path).get(refused) is None
+    # Another address is not held back, and neither a paired meeting nor a known node.
+    assert meet(store, random_id(), address="http://10.0.0.8:11450").state is TrustState.PENDING
+    meet(store, random_id(), paired=True, address="http://10.0.0.66:11450")
+    clock.now += 61
+    assert meet(store, refused, address="http://10.0.0.66:11450").state is TrustState.PENDING
 
 
-def test_the_pending_list_is_capped(store: TrustStore, clock: Clock) -> None:
+def test_a_full_list_still_lets_a_new_address_in(store: TrustStore, clock: Clock) -> None:
+    flood = []
     for i in range(MAX_PENDING):
-        if i and i % NEW_PENDING_PER_MINUTE == 0:
-            clock.now += 61
-        meet(store, random_id())
-    clock.now += 3600  # the rate limit is long clear: only the cap refuses now
-    with pytest.raises(PendingFull):
-        meet(store, random_id())
-    decided = store.nodes()[0]
+        clock.now += 1
+        flood.append(meet(store, random_id(), address=f"http://10.0.1.{i}:11450"))
+    clock.now += 1
+    real = meet(store, random_id(), address="http://10.0.0.9:11450")
+    pending = [n.node_id for n in store.nodes() if n.state is TrustState.PENDING]
+    assert len(pending) == MAX_PENDING and real.node_id in pending
+    assert flood[0].node_id not in pending  # the oldest made way
+    decided = store.get(pending[0])
+    assert decided is not None
     store.set_state(decided.node_id, TrustState.UNPAIRED)  # the operator declines one
     assert meet(store, random_id()).state is TrustState.PENDING
-    with pytest.raises(PendingFull):
-        meet(store, random_id())
 
 
 # -- the file: edited from outside, or broken -----------------------------------------

@@ -16,9 +16,9 @@ from shoal.api.access import CALLER
 from shoal.api.bodies import read_body
 from shoal.api.operator import json
 from shoal.api.services import ADMISSION, LIMITS, OWN_STATE, PEERS
-from shoal.errors import Forbidden, InvalidRequest
+from shoal.errors import BusyError, Forbidden, InvalidRequest
 from shoal.mesh.state import ProtocolError, decode
-from shoal.trust.handshake import HandshakeError
+from shoal.trust.handshake import ConfirmReply, HandshakeError
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +55,29 @@ async def goodbye(request: web.Request) -> web.Response:
 
 
 async def trust_hello(request: web.Request) -> web.Response:
-    """Admission handshake, step 1."""
+    """Admission handshake, step 1: the initiator's key (and key share); ours back."""
     try:
-        return json(request.app[ADMISSION].hello(await _message(request)))
+        return json(request.app[ADMISSION].hello(await _message(request), request.remote or ""))
     except HandshakeError as exc:
         log.warning("refused a handshake from %s: %s", request.remote, exc)
         raise Forbidden(f"handshake refused: {exc}") from None
+    except BusyError as exc:  # out of tries at the secret: 429, and no log line each
+        log.debug("refused a handshake from %s: %s", request.remote, exc.message)
+        raise
 
 
 async def trust_confirm(request: web.Request) -> web.Response:
-    """Admission handshake, step 2: the initiator's proof."""
+    """Admission handshake, step 2: the initiator's proof; ours back (secret mode)."""
     try:
         met = request.app[ADMISSION].confirm(await _message(request), request.remote or "")
     except HandshakeError as exc:
         log.warning("refused a handshake from %s: %s", request.remote, exc)
         raise Forbidden(f"handshake refused: {exc}") from None
-    return json({"trust": met.state.value, "code": met.code})
+    except BusyError as exc:
+        log.debug("refused a handshake from %s: %s", request.remote, exc.message)
+        raise
+    reply = {"trust": met.node.state.value, "code": met.node.code, "proof": met.proof}
+    return json(ConfirmReply.model_validate(reply).wire())  # what we send, we would accept
 
 
 async def _message(request: web.Request) -> dict[str, object]:

@@ -145,14 +145,14 @@ class Admission:
 
     # -- the handshake, as responder -----------------------------------------------------
 
-    def hello(self, doc: dict[str, Any]) -> dict[str, Any]:
-        return self.trust.hello(doc)
+    def hello(self, doc: dict[str, Any], remote_ip: str) -> dict[str, Any]:
+        return self.trust.hello(doc, remote_ip)
 
-    def confirm(self, doc: dict[str, Any], remote_ip: str) -> TrustedNode:
+    def confirm(self, doc: dict[str, Any], remote_ip: str) -> Met:
         met = self.trust.confirm(doc, remote_ip)
         # The initiator sends its state next: no need to contact it ourselves.
         self._changed(met, met.node.address, "peer", contact=False)
-        return met.node
+        return met
 
     # -- the operator's decisions --------------------------------------------------------
 
@@ -183,6 +183,8 @@ class Admission:
             self._bus.publish(
                 TrustChanged(node.node_id, node.name, address, met.previous, node.state)
             )
+        for gone in met.dropped:  # pending requests that made way for this one
+            self._bus.publish(TrustChanged(gone.node_id, gone.name, gone.address, gone.state, None))
 
     # -- tasks ---------------------------------------------------------------------------
 

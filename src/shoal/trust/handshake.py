@@ -1,16 +1,21 @@
 """The admission handshake between two nodes: pure messages, proofs and checks.
 
 Theory of operation (docs/protocol.md has the wire format). The initiator A sends
-`hello` (its public key and a fresh nonce). The responder B answers with its public
-key, a fresh nonce of its own, and a signature (and, in secret mode, an HMAC proof of
-the cluster secret) over the transcript
+`hello` (its public key, a fresh nonce and, in secret mode, its CPace key share Ya).
+The responder B answers with its public key, a fresh nonce of its own, its key share
+Yb, and a signature over the transcript
 
-    T = "shoal-handshake-v1" | mode | pk_A | pk_B | nonce_A | nonce_B
+    T = "shoal-handshake-v2" | mode | pk_A | pk_B | nonce_A | nonce_B [| Ya | Yb]
 
-A checks both, then sends `confirm`: its own signature and proof over T. B accepts a
-confirm only for a nonce it issued, once, within NONCE_TTL_S: a replayed handshake
-fails. Both proofs are bound to both keys and both nonces, so a proof cannot be reused
-for another pair of nodes or another session; the secret itself never crosses the wire.
+A checks the signature, then sends `confirm`: its own signature over T and, in secret
+mode, its proof, an HMAC of T under the CPace session key. B checks both and answers
+with its own proof. The session key depends on the cluster secret, but nothing on the
+wire lets anyone test a guess of the secret without a run of the protocol with a node
+that knows it (`shoal.trust.pake`), and the initiator proves first, so the responder
+counts every wrong guess (`shoal.trust.strikes`). B accepts a confirm only for a nonce
+it issued, once, within NONCE_TTL_S: a replayed handshake fails. Signatures and proofs
+cover both keys, both nonces and both key shares, so none can be moved to another pair
+of nodes or another session; the secret itself never crosses the wire.
 
 Every message, sent or received, goes through a strict schema (`parse`): no unknown
 fields, every field typed and bounded, keys, nonces, signatures and proofs of their
@@ -26,7 +31,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal, Self, TypeVar
+from typing import Annotated, ClassVar, Final, Literal, Self, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -46,8 +51,11 @@ from pydantic import (
 
 from shoal.mesh.identity import node_id_of
 from shoal.mesh.state import checked_name
+from shoal.trust import pake
 
-DOMAIN = b"shoal-handshake-v1"
+#: The handshake's version, `v` in hello and its reply. 2: CPace in secret mode.
+VERSION: Final = 2
+DOMAIN = b"shoal-handshake-v2"
 NONCE_BYTES = 32
 NONCE_TTL_S = 30.0  # a confirm must follow its hello within this time
 CONFIRMATION_DIGITS = 6
@@ -55,6 +63,7 @@ MAX_OPEN_HANDSHAKES = 256
 KEY_BYTES = 32  # a raw Ed25519 public key
 SIGNATURE_BYTES = 64  # an Ed25519 signature
 PROOF_BYTES = 32  # an HMAC-SHA256
+SHARE_BYTES = pake.SHARE_BYTES  # a CPace key share: a Curve25519 u-coordinate
 #: A node's self-signed Ed25519 certificate is about 0.6 KiB as PEM; 4 KiB leaves room
 #: for a longer subject, and bounds what an open handshake keeps.
 MAX_CERT_CHARS = 4096
@@ -93,6 +102,7 @@ PublicKey = Annotated[bytes, _b64_of(KEY_BYTES), _AS_B64]
 Nonce = Annotated[bytes, _b64_of(NONCE_BYTES), _AS_B64]
 Signature = Annotated[bytes, _b64_of(SIGNATURE_BYTES), _AS_B64]
 Proof = Annotated[bytes, _b64_of(PROOF_BYTES), _AS_B64]
+Share = Annotated[bytes, _b64_of(SHARE_BYTES), _AS_B64]
 NodeId = Annotated[str, StringConstraints(min_length=64, max_length=64, pattern=r"^[0-9a-f]+$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Name = Annotated[str, StringConstraints(max_length=1024), AfterValidator(checked_name)]
@@ -134,6 +144,7 @@ class _Message(BaseModel):
 class _Introduction(_Message):
     """What both hello and its reply say about the sender, checked for consistency."""
 
+    v: Literal[2]
     mode: Mode
     node_id: NodeId
     name: Name
@@ -141,6 +152,7 @@ class _Introduction(_Message):
     cert: Certificate
     peer_port: Port
     nonce: Nonce
+    pake: Share | None = None  # the CPace key share: in secret mode, and only there
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -148,6 +160,8 @@ class _Introduction(_Message):
             raise ValueError("node ID does not match its public key")
         if cert_key(self.cert) != self.public_key:
             raise ValueError("certificate does not match the node key")
+        if (self.pake is None) == (self.mode == "secret"):
+            raise ValueError("a key share ('pake') is sent in secret mode, and only there")
         return self
 
 
@@ -159,7 +173,6 @@ class Hello(_Introduction):
 class HelloReply(_Introduction):
     what = "hello reply"
     signature: Signature
-    proof: Proof | None = None  # secret mode only
 
 
 class Confirm(_Message):
@@ -173,9 +186,28 @@ class ConfirmReply(_Message):
     what = "confirm reply"
     trust: Literal["paired", "pending"]
     code: Annotated[str, StringConstraints(pattern=rf"^[0-9]{{{CONFIRMATION_DIGITS}}}$")]
+    proof: Proof | None = None  # secret mode only: the responder's, after the initiator's
 
 
 M = TypeVar("M", bound=_Message)
+
+
+def check_version(document: object, what: str) -> None:
+    """Refuse, in words, a hello or reply of another handshake version (an older Shoal
+    sends no `v`): before the schema, which would only say `'v': Field required`."""
+    if not isinstance(document, dict) or document.get("v") == VERSION:
+        return
+    theirs = document.get("v", 1)
+    said = str(theirs) if type(theirs) is int and 0 < theirs < 1000 else "unknown"
+    raise HandshakeError(
+        f"{what} in handshake protocol {said}; this node speaks {VERSION}: "
+        "run the same Shoal version on both nodes"
+    )
+
+
+def older_protocol(refusal: str) -> bool:
+    """Whether a refusal of our hello is an older node's strict schema meeting `v`."""
+    return "'v': Extra inputs are not permitted" in refusal
 
 
 def parse(kind: type[M], document: object) -> M:
@@ -199,19 +231,47 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
 
 
-def transcript(mode: str, pk_a: bytes, pk_b: bytes, nonce_a: bytes, nonce_b: bytes) -> bytes:
-    for value, size in ((pk_a, 32), (pk_b, 32), (nonce_a, NONCE_BYTES), (nonce_b, NONCE_BYTES)):
-        if len(value) != size:
-            raise HandshakeError("malformed handshake: wrong key or nonce length")
-    return b"|".join((DOMAIN, mode.encode(), pk_a, pk_b, nonce_a, nonce_b))
+def transcript(
+    mode: str,
+    pk_a: bytes,
+    pk_b: bytes,
+    nonce_a: bytes,
+    nonce_b: bytes,
+    shares: tuple[bytes, bytes] | None = None,
+) -> bytes:
+    """T: what both signatures and both proofs cover. `shares` (Ya, Yb) in secret mode."""
+    fields = [(pk_a, 32), (pk_b, 32), (nonce_a, NONCE_BYTES), (nonce_b, NONCE_BYTES)]
+    fields += [(share, SHARE_BYTES) for share in shares or ()]
+    if any(len(value) != size for value, size in fields):
+        raise HandshakeError("malformed handshake: wrong key, nonce or key share length")
+    return b"|".join((DOMAIN, mode.encode(), *(value for value, _ in fields)))
 
 
-def secret_proof(secret: str, role: bytes, transcript_bytes: bytes) -> bytes:
-    return hmac.new(secret.encode(), role + b"|" + transcript_bytes, hashlib.sha256).digest()
+def pake_channel(pk_a: bytes) -> bytes:
+    """CPace's channel identifier: this protocol and the initiator's key (the only key
+    both sides know when the initiator makes its share). Its nonce is CPace's sid."""
+    return pake.lv_cat(DOMAIN, pk_a)
 
 
-def check_secret_proof(secret: str, role: bytes, transcript_bytes: bytes, proof: bytes) -> None:
-    if not hmac.compare_digest(secret_proof(secret, role, transcript_bytes), proof):
+def key_share(secret: str, pk_a: bytes, nonce_a: bytes) -> pake.KeyShare:
+    """A fresh CPace share on the cluster secret for the handshake A opened with nonce_a."""
+    return pake.key_share(secret.encode(), pake_channel(pk_a), nonce_a)
+
+
+def session_key(ours: pake.KeyShare, theirs: bytes, nonce_a: bytes, *, initiator: bool) -> bytes:
+    try:
+        return pake.session_key(ours, theirs, nonce_a, initiator=initiator)
+    except pake.PakeError as exc:
+        raise HandshakeError(f"malformed handshake: {exc}") from None
+
+
+def key_proof(key: bytes, role: bytes, transcript_bytes: bytes) -> bytes:
+    """Proof of the CPace session key (and so of the cluster secret), bound to T."""
+    return hmac.new(key, role + b"|" + transcript_bytes, hashlib.sha256).digest()
+
+
+def check_key_proof(key: bytes, role: bytes, transcript_bytes: bytes, proof: bytes) -> None:
+    if not hmac.compare_digest(key_proof(key, role, transcript_bytes), proof):
         raise HandshakeError("cluster secret mismatch")
 
 
@@ -243,9 +303,10 @@ def secret_fingerprint(secret: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Opened:
     """What a responder keeps of a hello until its confirm: the validated fields it
-    needs, nothing of the document. At most about 4.6 KiB: the certificate (at most
+    needs, nothing of the document. At most about 4.8 KiB: the certificate (at most
     MAX_CERT_CHARS, ASCII), a name of at most 64 characters (at most 256 bytes), two
-    32-byte values, two ints, and the objects' overhead (some 0.5 KiB)."""
+    32-byte values, two ints, in secret mode three more 32-byte values (the key shares
+    and our scalar), and the objects' overhead (some 0.6 KiB)."""
 
     public_key: bytes
     nonce: bytes
@@ -253,19 +314,35 @@ class Opened:
     cert: str
     api_port: int
     peer_port: int
+    their_share: bytes | None = None  # Ya, secret mode
+    our_share: pake.KeyShare | None = None  # yb and Yb, secret mode
 
     @classmethod
-    def of(cls, hello: Hello) -> Opened:
+    def of(cls, hello: Hello, our_share: pake.KeyShare | None = None) -> Opened:
         return cls(
-            hello.public_key, hello.nonce, hello.name, hello.cert, hello.api_port, hello.peer_port
+            hello.public_key,
+            hello.nonce,
+            hello.name,
+            hello.cert,
+            hello.api_port,
+            hello.peer_port,
+            hello.pake,
+            our_share,
         )
+
+    @property
+    def shares(self) -> tuple[bytes, bytes] | None:
+        """(Ya, Yb), what the transcript holds of the key exchange; None outside secret mode."""
+        if self.their_share is None or self.our_share is None:
+            return None
+        return self.their_share, self.our_share.public
 
 
 @dataclass
 class NonceBook:
     """Nonces this node issued as responder, each good for one confirm, for a while.
 
-    Bounded: at most MAX_OPEN_HANDSHAKES entries of at most ~4.6 KiB (`Opened`) plus a
+    Bounded: at most MAX_OPEN_HANDSHAKES entries of at most ~4.8 KiB (`Opened`) plus a
     nonce and an expiry each, so about 1.2 MiB however many hellos arrive.
     """
 

@@ -12,22 +12,27 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import ssl
 import time
 import weakref
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 from pydantic import ValidationError
 
+from shoal.errors import BusyError
 from shoal.mesh.identity import Identity, node_id_of
 from shoal.protocol import CONFIRM_PATH, HELLO_PATH, error_message
 from shoal.settings import ClusterMode, Settings
-from shoal.trust import certs, handshake
+from shoal.trust import certs, handshake, pake
 from shoal.trust.handshake import HandshakeError
+from shoal.trust.pending import PendingFull, address_of
 from shoal.trust.secret import read_secret
-from shoal.trust.store import PendingFull, TrustedNode, TrustState, TrustStore
+from shoal.trust.store import TrustedNode, TrustState, TrustStore
+from shoal.trust.strikes import Strikes, source_of
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +51,14 @@ def _is_ip(text: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Met:
-    """A completed handshake: the node's entry now, and its state before (None: new)."""
+    """A completed handshake: the node's entry now, and its state before (None: new);
+    the pending requests dropped to let it wait; as responder in secret mode, our proof
+    for the confirm reply."""
 
     node: TrustedNode
     previous: TrustState | None
+    dropped: tuple[TrustedNode, ...] = ()
+    proof: bytes | None = None
 
     @property
     def changed(self) -> bool:
@@ -67,9 +76,11 @@ class Trust:
         self.cert = certs.load_or_create_cert(identity, settings.data_dir)
         self.store = TrustStore(settings.data_dir / "trust.json")
         # Open handshakes (hellos answered, confirms awaited), each keeping only the few
-        # validated fields the confirm needs (`handshake.Opened`, at most ~4.6 KiB): at
-        # most MAX_OPEN_HANDSHAKES (256) × 4.6 KiB ≈ 1.2 MiB, whatever strangers send.
+        # validated fields the confirm needs (`handshake.Opened`, at most ~4.8 KiB): at
+        # most MAX_OPEN_HANDSHAKES (256) × 4.8 KiB ≈ 1.2 MiB, whatever strangers send.
         self._nonces = handshake.NonceBook.empty()
+        # Wrong cluster secrets per source address, both ways (`shoal.trust.strikes`).
+        self.strikes = Strikes()
         self._own_nonces: set[bytes] = set()  # hellos we are sending now (to tell self apart)
         # Where another live node presenting our own ID was seen (a copied data dir).
         self.duplicate_seen_at: str | None = None
@@ -198,39 +209,77 @@ class Trust:
     async def _admit(
         self, api_url: str, mode: ClusterMode, secret: str | None, nonce_a: bytes
     ) -> Met:
-        hello = self._hello(mode, nonce_a)
+        share = None  # ours, in secret mode: CPace on the cluster secret
+        if mode == "secret":
+            if secret is None:
+                raise HandshakeError("this node has no cluster secret (shoal token create)")
+            share = handshake.key_share(secret, self.identity.public_key, nonce_a)
+        source = source_of(urlsplit(api_url).hostname or api_url)
+        if share is not None:
+            self._check_strikes_with(source)
         timeout = aiohttp.ClientTimeout(HANDSHAKE_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            reply = handshake.parse(
-                handshake.HelloReply, await _post(session, api_url + HELLO_PATH, hello.wire())
-            )
+            reply = await _say_hello(session, api_url, self._hello(mode, nonce_a, share))
             if reply.mode != mode:
                 raise HandshakeError(f"cluster mode mismatch: we are {mode}, they are {reply.mode}")
-            pk_b = reply.public_key
-            t = handshake.transcript(mode, self.identity.public_key, pk_b, nonce_a, reply.nonce)
+            shares = (share.public, reply.pake or b"") if share else None
+            pk_a, pk_b = self.identity.public_key, reply.public_key
+            t = handshake.transcript(mode, pk_a, pk_b, nonce_a, reply.nonce, shares)
             handshake.check_signature(pk_b, _RESPONDER, t, reply.signature)
-            if mode == "secret":
-                if secret is None:
-                    raise HandshakeError("this node has no cluster secret (shoal token create)")
-                handshake.check_secret_proof(secret, _RESPONDER, t, reply.proof or b"")
-            proof = None
-            if mode == "secret" and secret:
-                proof = handshake.secret_proof(secret, _INITIATOR, t)
-            signature = self.identity.sign(_INITIATOR + b"|" + t)
-            confirm = handshake.Confirm(nonce=reply.nonce, signature=signature, proof=proof)
-            handshake.parse(
+            key = None
+            if share is not None:
+                key = handshake.session_key(share, reply.pake or b"", nonce_a, initiator=True)
+                # Our proof is one guess at the secret for whoever answers: counted
+                # against that address until it proves the secret in turn.
+                self._check_strikes_with(source)
+                self.strikes.failed(source, time.monotonic())
+            confirm = handshake.Confirm(
+                nonce=reply.nonce,
+                signature=self.identity.sign(_INITIATOR + b"|" + t),
+                proof=handshake.key_proof(key, _INITIATOR, t) if key else None,
+            )
+            answer = handshake.parse(
                 handshake.ConfirmReply,
                 await _post(session, api_url + CONFIRM_PATH, confirm.wire()),
             )
-        return self._met(
-            handshake.Opened(pk_b, reply.nonce, reply.name, reply.cert, 0, reply.peer_port),
-            api_url,
-            mode,
-        )
+        if key is not None:
+            try:
+                handshake.check_key_proof(key, _RESPONDER, t, answer.proof or b"")
+            except HandshakeError:
+                raise HandshakeError(
+                    "cluster secret mismatch: the other node did not prove the secret"
+                ) from None
+            self.strikes.cleared(source)
+        opened = handshake.Opened(pk_b, reply.nonce, reply.name, reply.cert, 0, reply.peer_port)
+        try:
+            return self._met(opened, api_url, mode)
+        except PendingFull as exc:
+            raise HandshakeError(str(exc)) from None
 
-    def _hello(self, mode: ClusterMode, nonce_a: bytes) -> handshake.Hello:
+    def _check_strikes_with(self, source: str) -> None:
+        """As initiator: no proof of ours for a source out of tries."""
+        wait = self.strikes.wait(source, time.monotonic())
+        if wait > 0:
+            raise HandshakeError(
+                f"too many failed secret handshakes with {source}; next try in {math.ceil(wait)} s"
+            )
+
+    def _check_strikes_from(self, source: str, now: float) -> None:
+        """As responder: no proof checked for a source out of tries (429, Retry-After)."""
+        wait = self.strikes.wait(source, now) if self.mode == "secret" else 0.0
+        if wait > 0:
+            raise BusyError(
+                "too many wrong cluster secrets from your address; try again in "
+                f"{math.ceil(wait)} s",
+                retry_after=wait,
+            )
+
+    def _hello(
+        self, mode: ClusterMode, nonce_a: bytes, share: pake.KeyShare | None = None
+    ) -> handshake.Hello:
         try:
             return handshake.Hello(
+                v=handshake.VERSION,
                 mode=mode,
                 node_id=self.identity.node_id,
                 name=self.name,
@@ -239,20 +288,24 @@ class Trust:
                 api_port=self.api_port,
                 peer_port=self.peer_port,
                 nonce=nonce_a,
+                pake=share.public if share else None,
             )
         except ValidationError as exc:  # our own settings: the name, or unbound ports
             raise HandshakeError(f"this node cannot say hello: {exc.errors()[0]['msg']}") from None
 
     # -- the handshake, as responder ----------------------------------------------------
 
-    def hello(self, doc: object) -> dict[str, object]:
-        """Answer a hello (decoded JSON, not yet checked); HandshakeError to refuse it."""
+    def hello(self, doc: object, remote_ip: str) -> dict[str, object]:
+        """Answer a hello (decoded JSON, not yet checked) from `remote_ip`; HandshakeError
+        to refuse it, BusyError while that address is out of tries at the secret."""
+        handshake.check_version(doc, "hello")
         hello = handshake.parse(handshake.Hello, doc)
         mode, secret = self.refresh_mode(), self.secret()
         if hello.mode != mode:
             raise HandshakeError(f"cluster mode mismatch: we are {mode}, you are {hello.mode}")
         if mode == "secret" and secret is None:
             raise HandshakeError("this node has no cluster secret yet")
+        self._check_strikes_from(source_of(remote_ip), time.monotonic())
         pk_a, nonce_a = hello.public_key, hello.nonce
         if pk_a == self.identity.public_key:
             if nonce_a in self._own_nonces:
@@ -265,12 +318,13 @@ class Trust:
             )
             raise HandshakeError("you present this node's own ID: a copied data dir?")
         self._check_not_unpaired(hello.node_id)
-        nonce_b = self._nonces.issue(time.monotonic(), handshake.Opened.of(hello))
-        t = handshake.transcript(mode, pk_a, self.identity.public_key, nonce_a, nonce_b)
-        proof = None
-        if mode == "secret" and secret:
-            proof = handshake.secret_proof(secret, _RESPONDER, t)
+        share = handshake.key_share(secret, pk_a, nonce_a) if mode == "secret" and secret else None
+        opened = handshake.Opened.of(hello, share)
+        nonce_b = self._nonces.issue(time.monotonic(), opened)
+        pk_b = self.identity.public_key
+        t = handshake.transcript(mode, pk_a, pk_b, nonce_a, nonce_b, opened.shares)
         reply = handshake.HelloReply(
+            v=handshake.VERSION,
             mode=mode,
             node_id=self.identity.node_id,
             name=self.name,
@@ -278,8 +332,8 @@ class Trust:
             cert=self.cert.decode(),
             peer_port=self.peer_port,
             nonce=nonce_b,
+            pake=share.public if share else None,
             signature=self.identity.sign(_RESPONDER + b"|" + t),
-            proof=proof,
         )
         return reply.wire()
 
@@ -288,19 +342,36 @@ class Trust:
         return len(self._nonces.issued)
 
     def confirm(self, doc: object, remote_ip: str) -> Met:
-        """Take a confirm (decoded JSON, not yet checked); HandshakeError to refuse it."""
+        """Take a confirm (decoded JSON, not yet checked) from `remote_ip`; HandshakeError
+        to refuse it, BusyError while that address is out of tries (at the secret, or at
+        adding pairing requests). In secret mode the answer carries our proof (`Met`)."""
         confirm = handshake.parse(handshake.Confirm, doc)
-        mode, secret = self.mode, self.secret()
-        hello = self._nonces.take(time.monotonic(), confirm.nonce)
-        pk_a = hello.public_key
-        t = handshake.transcript(mode, pk_a, self.identity.public_key, hello.nonce, confirm.nonce)
+        source, now = source_of(remote_ip), time.monotonic()
+        self._check_strikes_from(source, now)
+        hello = self._nonces.take(now, confirm.nonce)
+        if (self.mode == "secret") != (hello.shares is not None):
+            raise HandshakeError("the cluster mode changed during the handshake; try again")
+        pk_a, pk_b = hello.public_key, self.identity.public_key
+        t = handshake.transcript(self.mode, pk_a, pk_b, hello.nonce, confirm.nonce, hello.shares)
         handshake.check_signature(pk_a, _INITIATOR, t, confirm.signature)
-        if mode == "secret":
-            if secret is None:
-                raise HandshakeError("this node has no cluster secret yet")
-            handshake.check_secret_proof(secret, _INITIATOR, t, confirm.proof or b"")
+        proof = None
+        if hello.our_share is not None and hello.their_share is not None:
+            key = handshake.session_key(
+                hello.our_share, hello.their_share, hello.nonce, initiator=False
+            )
+            try:
+                handshake.check_key_proof(key, _INITIATOR, t, confirm.proof or b"")
+            except HandshakeError:
+                self.strikes.failed(source, now)  # one wrong guess at the secret
+                raise
+            self.strikes.cleared(source)
+            proof = handshake.key_proof(key, _RESPONDER, t)
         host = f"[{remote_ip}]" if ":" in remote_ip else remote_ip
-        return self._met(hello, f"http://{host}:{hello.api_port}", mode)
+        try:
+            met = self._met(hello, f"http://{host}:{hello.api_port}", self.mode)
+        except PendingFull as exc:
+            raise BusyError(str(exc), retry_after=exc.retry_after) from None
+        return Met(met.node, met.previous, met.dropped, proof)
 
     # -- both sides ---------------------------------------------------------------------
 
@@ -309,26 +380,51 @@ class Trust:
         node_id = node_id_of(other.public_key)
         self._check_not_unpaired(node_id)
         was = self.store.state(node_id)
-        try:
-            node = self.store.met(
-                node_id,
-                other.public_key,
-                paired=mode in ("open", "secret"),
-                name=other.name,
-                address=api_url,
-                code=handshake.confirmation_code(self.identity.public_key, other.public_key),
-                cert=other.cert,
-                peer_port=other.peer_port,
+        meeting = self.store.met(
+            node_id,
+            other.public_key,
+            paired=mode in ("open", "secret"),
+            name=other.name,
+            address=api_url,
+            code=handshake.confirmation_code(self.identity.public_key, other.public_key),
+            cert=other.cert,
+            peer_port=other.peer_port,
+        )
+        node = meeting.node
+        for gone in meeting.dropped:
+            replaced = address_of(gone.address)[0] == address_of(api_url)[0]
+            log.log(
+                logging.INFO if replaced else logging.WARNING,
+                "dropped the pairing request of %s (%s) from %s: %s",
+                gone.name,
+                gone.short_id,
+                gone.address,
+                "a newer one came from the same address" if replaced else "the list is full",
             )
-        except PendingFull as exc:
-            raise HandshakeError(str(exc)) from None
         if node.state is TrustState.PAIRED and was is not TrustState.PAIRED:
             self.server_context.load_verify_locations(cadata=node.cert)
-        return Met(node, was)
+        return Met(node, was, meeting.dropped)
 
     def _check_not_unpaired(self, node_id: str) -> None:
         if self.store.state(node_id) is TrustState.UNPAIRED:
             raise HandshakeError("this node was unpaired; it must be paired again")
+
+
+async def _say_hello(
+    session: aiohttp.ClientSession, api_url: str, hello: handshake.Hello
+) -> handshake.HelloReply:
+    """Send our hello; the reply, checked. An older node is named as such."""
+    try:
+        document = await _post(session, api_url + HELLO_PATH, hello.wire())
+    except HandshakeError as exc:
+        if handshake.older_protocol(str(exc)):
+            raise HandshakeError(
+                "the other node speaks an older handshake protocol (1); this node speaks "
+                f"{handshake.VERSION}: run the same Shoal version on both nodes"
+            ) from None
+        raise
+    handshake.check_version(document, "the other node answers")
+    return handshake.parse(handshake.HelloReply, document)
 
 
 async def _post(session: aiohttp.ClientSession, url: str, doc: dict[str, object]) -> object:

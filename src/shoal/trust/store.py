@@ -4,9 +4,10 @@ Theory of operation: a node we have completed a handshake with is *pending*, *pa
 or *unpaired*. In open and secret modes a completed handshake pairs at once; in pairing
 mode the node stays pending until the operator accepts it (`shoal pair accept`). Only
 paired nodes exchange state, inference or files. Declining or unpairing makes a node
-*unpaired*: it is ignored until re-paired; `forget` drops it entirely. The pending list
-is capped, and new pending entries are rate-limited, so a stranger on the LAN cannot
-fill it. Every entry pins the node's public key (the node ID is its hash).
+*unpaired*: it is ignored until re-paired; `forget` drops it entirely. Who may wait in
+the pending list is `shoal.trust.pending`'s decision (one request per address, a cap
+that a new address always gets under), so a stranger on the LAN cannot keep a real node
+out. Every entry pins the node's public key (the node ID is its hash).
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from pathlib import Path
 
 from shoal.errors import ConfigError
 from shoal.mesh.identity import short_id
+from shoal.trust.pending import PendingBook, Request
 
 STORE_FILE = "trust.json"
-MAX_PENDING = 32
-NEW_PENDING_PER_MINUTE = 10
 # Hex digits a typed ID prefix needs: 32 bits, too many for another node to share by
 # chance or to match cheaply on purpose.
 MIN_ID_PREFIX = 8
@@ -53,15 +53,19 @@ class TrustedNode:
         return short_id(self.node_id)
 
 
-class PendingFull(Exception):
-    """Too many pending nodes, or too many new ones too fast: try again later."""
+@dataclass(frozen=True, slots=True)
+class Meeting:
+    """A node's entry after a handshake, and the pending requests that made way for it."""
+
+    node: TrustedNode
+    dropped: tuple[TrustedNode, ...] = ()
 
 
 class TrustStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._nodes: dict[str, TrustedNode] = {}
-        self._recent_pending: list[float] = []
+        self._pending = PendingBook()  # who may wait (kept per process, like a rate)
         self._mtime = 0.0
         self.reload()
 
@@ -134,17 +138,27 @@ class TrustStore:
         code: str,
         cert: str,
         peer_port: int,
-    ) -> TrustedNode:
-        """A handshake completed with this node; returns its (new) entry."""
+    ) -> Meeting:
+        """A handshake completed with this node: its (new) entry, and the pending
+        requests dropped to let it wait (PendingFull, changing nothing, if it may not)."""
+        now = time.time()
         node = self._nodes.get(node_id)
+        dropped: list[TrustedNode] = []
+        if not paired and (node is None or node.state is TrustState.PENDING):
+            waiting = [
+                Request(n.node_id, n.address, n.first_seen)
+                for n in self._nodes.values()
+                if n.state is TrustState.PENDING and n.node_id != node_id
+            ]
+            asking = Request(node_id, address, node.first_seen if node else now)
+            for request in self._pending.admit(waiting, asking, now, known=node is not None):
+                dropped.append(self._nodes.pop(request.node_id))
         if node is None:
-            if not paired:
-                self._admit_pending(time.time())
             node = TrustedNode(
                 node_id,
                 public_key.hex(),
                 TrustState.PAIRED if paired else TrustState.PENDING,
-                first_seen=time.time(),
+                first_seen=now,
             )
             self._nodes[node_id] = node
         elif paired and node.state is TrustState.PENDING:
@@ -152,7 +166,7 @@ class TrustStore:
         node.name, node.address, node.code = name, address, code
         node.cert, node.peer_port = cert, peer_port
         self.save()
-        return node
+        return Meeting(node, tuple(dropped))
 
     def set_state(self, node_id: str, state: TrustState) -> None:
         self._nodes[node_id].state = state
@@ -161,13 +175,6 @@ class TrustStore:
     def forget(self, node_id: str) -> None:
         self._nodes.pop(node_id, None)
         self.save()
-
-    def _admit_pending(self, now: float) -> None:
-        pending = sum(n.state is TrustState.PENDING for n in self._nodes.values())
-        self._recent_pending = [t for t in self._recent_pending if t > now - 60]
-        if pending >= MAX_PENDING or len(self._recent_pending) >= NEW_PENDING_PER_MINUTE:
-            raise PendingFull("too many pending pairing requests; try again later")
-        self._recent_pending.append(now)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
