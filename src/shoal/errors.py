@@ -9,7 +9,8 @@
     │   ├── NotFound               404  unknown path
     │   ├── MethodNotAllowed       405
     │   ├── RequestTimeout         408  the body did not arrive in time
-    │   └── PayloadTooLarge        413
+    │   ├── PayloadTooLarge        413
+    │   └── UnsupportedEncoding    415  a Content-Encoding the node does not inflate
     ├── BusyError              429/503 with Retry-After: try again later
     │   └── BackendUnavailable     503  the backend is down or restarting
     ├── UpstreamError          a backend or peer failed us
@@ -18,10 +19,15 @@
     └── ConfigError            the operator's configuration is wrong (not an HTTP error)
 
 Errors are turned into HTTP responses in exactly one place, `shoal.api.errors`.
-Messages are shown to clients: they never contain secrets or stack traces.
+Messages are shown to clients: they never contain secrets or stack traces. Each class
+has a default `code`; a raise site may name a finer one, in OpenAI's vocabulary where it
+has one (`missing_required_parameter`, `invalid_type`, `invalid_value`,
+`unsupported_parameter`, `unsupported_value`).
 """
 
 from __future__ import annotations
+
+import math
 
 
 class ShoalError(Exception):
@@ -29,10 +35,16 @@ class ShoalError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        """Headers the answer must carry with this error (Retry-After, Accept-Encoding)."""
+        return {}
 
 
 class ClientError(ShoalError):
@@ -81,6 +93,18 @@ class PayloadTooLarge(ClientError):
     code = "payload_too_large"
 
 
+class UnsupportedEncoding(ClientError):
+    status = 415
+    code = "unsupported_content_encoding"
+
+    def __init__(self, message: str, *, accepted: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.accepted = accepted
+
+    def headers(self) -> dict[str, str]:
+        return {"Accept-Encoding": ", ".join(self.accepted)}  # RFC 7694
+
+
 class BusyError(ShoalError):
     status = 429
     type = "rate_limit_error"
@@ -89,6 +113,9 @@ class BusyError(ShoalError):
     def __init__(self, message: str, *, retry_after: float = 1.0, param: str | None = None) -> None:
         super().__init__(message, param=param)
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class BackendUnavailable(BusyError):

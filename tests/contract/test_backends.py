@@ -141,9 +141,9 @@ MALFORMED_STATUS = {
     # llama.cpp throws std::invalid_argument ("Expected 'messages' to be an array"),
     # which its server answers as an invalid_request_error.
     "llama-server": 400,
-    # The worker hands `messages` to the chat template unchecked, and the template's
-    # error is answered as the engine's own failure (a 500, not a 400).
-    "engine": 500,
+    # The worker parses bodies with the node's own request models: a client's mistake
+    # is a 400 naming the parameter.
+    "engine": 400,
 }
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
+import time
+import zlib
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -44,6 +48,13 @@ def _assert_openai_error(document: Any, param: str | None = None) -> dict[str, A
         (CHAT, b'{"model": "m", "messages": [{"role": "user"}], "temperature": 7}', "temperature"),
         (CHAT, b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": 0}', "max_tokens"),
         (CHAT, b'{"model": "m", "messages": [{"role": "user"}], "top_p": 1.5}', "top_p"),
+        (CHAT, b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": "3"}', "max_tokens"),
+        (CHAT, b'{"model": "m", "messages": [{"role": "user"}], "stream": "false"}', "stream"),
+        (
+            CHAT,
+            b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}',
+            "messages[0].content[0].text",
+        ),
         ("/v1/completions", b'{"model": "m"}', "prompt"),
         ("/v1/embeddings", b'{"model": "m", "input": []}', "input"),
     ],
@@ -147,3 +158,124 @@ def test_node_still_serves_after_bad_input(engine_node: NodeProcess) -> None:
         model=SMOLLM_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=3
     )
     assert answer.choices[0].message.content
+
+
+# -- what the embedded model cannot do is a 400 saying so (issue 9, items 8 and 9) ---------
+
+
+def test_an_image_to_the_text_only_model_is_a_400_naming_the_part(engine_node: NodeProcess) -> None:
+    client = openai_client(engine_node.url)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=SMOLLM_ID,
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}
+            ],
+        )
+    assert caught.value.param == "messages[0].content[1].type"
+    assert caught.value.code == "unsupported_value"
+    assert "image_url" in caught.value.message
+
+
+def test_logprobs_are_refused_as_unsupported(engine_node: NodeProcess) -> None:
+    client = openai_client(engine_node.url)
+    with pytest.raises(openai.BadRequestError) as chat:
+        client.chat.completions.create(
+            model=SMOLLM_ID, messages=[{"role": "user", "content": "hi"}], logprobs=True
+        )
+    with pytest.raises(openai.BadRequestError) as completion:
+        client.completions.create(model=SMOLLM_ID, prompt="Once", max_tokens=2, logprobs=2)
+    for caught in (chat, completion):
+        assert (caught.value.param, caught.value.code) == ("logprobs", "unsupported_parameter")
+
+
+# -- compressed bodies: inflated by the node, within the cap (issue 9, item 10) ------------
+
+
+def _gzip_bomb(inflated: int) -> bytes:
+    """The start of a gzip stream of `inflated` zero bytes, built in milliseconds: after a
+    full flush each MiB of zeros compresses to the same bytes (about 1 KiB)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    first = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+    again = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return first + again * (inflated // len(zeros) - 1)
+
+
+def _proc(pid: int) -> tuple[float, int]:
+    """CPU seconds used by the process, and its peak RSS in KiB."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    cpu_s = (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
+    status = Path(f"/proc/{pid}/status").read_text()
+    peak_kib = next(
+        int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")
+    )
+    return cpu_s, peak_kib
+
+
+def _settled_cpu(pid: int, within: float = 15.0) -> float:
+    """The process's CPU seconds once it has stopped working: two readings 0.2 s apart
+    that differ by less than 0.05 s (a node still inflating a body would not)."""
+    deadline = time.monotonic() + within
+    last = _proc(pid)[0]
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = _proc(pid)[0]
+        if now - last < 0.05:
+            return now
+        last = now
+    raise AssertionError(f"process {pid} was still busy after {within} s")
+
+
+def test_a_gzip_body_is_inflated(engine_node: NodeProcess) -> None:
+    body = orjson.dumps(
+        {"model": SMOLLM_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    )
+    status, _, raw = http(
+        "POST",
+        engine_node.url + CHAT,
+        gzip.compress(body),
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert status == 200, raw
+    assert orjson.loads(raw)["choices"][0]["message"]["content"]
+
+
+def test_a_gzip_bomb_is_refused_at_the_cap_in_bounded_memory_and_time(
+    engine_node: NodeProcess,
+) -> None:
+    """1 MiB that inflates to 1 GiB: 413 once 8 MiB are inflated. Before the node
+    inflated bodies itself, aiohttp went on inflating the whole GiB after the 413 to
+    drain the connection: 3.8 s of the node's CPU per request."""
+    bomb = _gzip_bomb(1 << 30)
+    assert len(bomb) < 1.1 * (1 << 20)
+    pid = engine_node.process.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets the peak RSS (VmHWM)
+    cpu_before, peak_before = _proc(pid)
+    status, _, raw = http(
+        "POST",
+        engine_node.url + CHAT,
+        bomb,
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    cpu_after, peak_after = _settled_cpu(pid), _proc(pid)[1]
+    assert status == 413
+    assert _assert_openai_error(orjson.loads(raw))["code"] == "payload_too_large"
+    assert cpu_after - cpu_before < 1.0
+    assert peak_after - peak_before < 24 * 1024  # the 8 MiB cap, and what reads it
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "gzip, gzip"])
+def test_an_encoding_the_node_does_not_inflate_is_a_415(
+    engine_node: NodeProcess, encoding: str
+) -> None:
+    status, headers, raw = http(
+        "POST",
+        engine_node.url + CHAT,
+        b"\x00" * 64,
+        {"Content-Type": "application/json", "Content-Encoding": encoding},
+    )
+    assert status == 415
+    assert headers["Accept-Encoding"] == "gzip, deflate"
+    assert _assert_openai_error(orjson.loads(raw))["code"] == "unsupported_content_encoding"

@@ -68,6 +68,31 @@ def test_chat_completion(target: Target) -> None:
     assert raw.headers["x-shoal-route"] == "local"
 
 
+def test_chat_with_text_content_parts(target: Target) -> None:
+    """OpenAI's content parts: a message's text parts read as their text joined by
+    newlines, so at temperature 0 the answer is the one to that text as a string."""
+    client = target.client()
+    question = ["What is the capital", "of France?"]
+
+    def ask(content: object, system: object) -> str | None:
+        completion = client.chat.completions.create(
+            model=target.chat_model,
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": content},
+            ],
+            max_tokens=8,
+            temperature=0,
+        )
+        return completion.choices[0].message.content
+
+    answer = ask(
+        [{"type": "text", "text": t} for t in question], [{"type": "text", "text": "Be brief."}]
+    )
+    assert answer
+    assert answer == ask("\n".join(question), "Be brief.")
+
+
 def test_chat_stream_arrives_incrementally_with_usage(target: Target) -> None:
     stream = target.client().chat.completions.create(
         model=target.chat_model,

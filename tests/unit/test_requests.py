@@ -1,5 +1,6 @@
-"""`shoal.api.requests.parse`: the request boundary refuses bad bodies with a 400 naming
-the field, lets unknown fields through, and never fails any other way."""
+"""`shoal.api.requests`: the request boundary refuses bad bodies with a 400 naming the
+field (strictly typed, as OpenAI types them), lets unknown fields through, never fails
+any other way, and forwards exactly what it checked."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shoal.api.requests import ChatRequest, CompletionRequest, EmbeddingRequest, parse
+from shoal.api.requests import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    as_json,
+    encode,
+    joined_text,
+    parse,
+)
 from shoal.errors import InvalidRequest
 
 MODELS = (ChatRequest, CompletionRequest, EmbeddingRequest)
@@ -89,7 +98,8 @@ def test_nesting_beyond_the_json_parser_limit_is_refused() -> None:
 def test_missing_field_is_named(model: type, document: dict[str, Any], param: str) -> None:
     error = refused(model, orjson.dumps(document))
     assert error.param == param
-    assert error.message.startswith(param)
+    assert error.message == f"Missing required parameter: '{param}'."
+    assert error.code == "missing_required_parameter"
 
 
 @pytest.mark.parametrize("value", ["", "x" * 257, 7, None, ["m"]])
@@ -129,8 +139,10 @@ def test_longest_model_id_is_accepted(model: type) -> None:
 @pytest.mark.parametrize("model", [ChatRequest, CompletionRequest])
 def test_out_of_range_generation_field_is_named(model: type, field: str, value: Any) -> None:
     error = refused(model, BUILDERS[model](**{field: value}))
-    assert error.param == field
-    assert field in error.message
+    assert error.param is not None
+    assert error.param.partition("[")[0] == field  # `stop[1]`: the item that is wrong
+    assert f"'{error.param}'" in error.message
+    assert error.code in ("invalid_type", "invalid_value")
 
 
 @pytest.mark.parametrize(
@@ -208,7 +220,7 @@ def test_content_parts_and_null_content_are_accepted() -> None:
             ]
         ),
     )
-    assert body.messages[0].content == parts
+    assert as_json(body)["messages"][0]["content"] == parts
     assert body.messages[1].content is None
     assert body.messages[1].model_extra == {"tool_calls": [{"id": "c1"}]}
 
@@ -286,6 +298,129 @@ def test_embedding_options_accepted() -> None:
     body = parse(EmbeddingRequest, embedding(encoding_format="base64", dimensions=384))
     assert (body.encoding_format, body.dimensions) == ("base64", 384)
     assert parse(EmbeddingRequest, embedding()).encoding_format == "float"
+
+
+# -- strict types, as OpenAI's: a string is never taken for a number or a boolean -------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected", "got"),
+    [
+        ("max_tokens", "3", "an integer", "a string"),
+        ("max_tokens", 3.0, "an integer", "a decimal number"),
+        ("max_tokens", True, "an integer", "a boolean"),
+        ("stream", "false", "a boolean", "a string"),
+        ("stream", 0, "a boolean", "an integer"),
+        ("temperature", "0.5", "a number", "a string"),
+        ("temperature", False, "a number", "a boolean"),
+        ("n", "1", "an integer", "a string"),
+        ("seed", "7", "an integer", "a string"),
+        ("stream_options", "yes", "an object", "a string"),
+    ],
+)
+@pytest.mark.parametrize("model", [ChatRequest, CompletionRequest])
+def test_a_value_of_the_wrong_type_is_refused_not_coerced(
+    model: type, field: str, value: Any, expected: str, got: str
+) -> None:
+    error = refused(model, BUILDERS[model](**{field: value}))
+    assert (error.param, error.code) == (field, "invalid_type")
+    assert error.message == (
+        f"Invalid type for '{field}': expected {expected}, but got {got} instead."
+    )
+
+
+@pytest.mark.parametrize("model", [ChatRequest, CompletionRequest])
+def test_an_integer_is_a_number(model: type) -> None:
+    body = parse(model, BUILDERS[model](temperature=1, top_p=0, presence_penalty=-2))
+    assert (body.temperature, body.top_p, body.presence_penalty) == (1, 0, -2)
+
+
+@pytest.mark.parametrize(
+    ("model", "fields", "param", "code"),
+    [
+        (ChatRequest, {"logprobs": 2}, "logprobs", "invalid_type"),
+        (ChatRequest, {"top_logprobs": 21}, "top_logprobs", "invalid_value"),
+        (ChatRequest, {"response_format": {"type": "xml"}}, "response_format.type", None),
+        (ChatRequest, {"response_format": "json"}, "response_format", "invalid_type"),
+        (ChatRequest, {"logit_bias": {"50256": 101}}, "logit_bias.50256", "invalid_value"),
+        (ChatRequest, {"logit_bias": {"50256": "-1"}}, "logit_bias.50256", "invalid_type"),
+        (ChatRequest, {"logit_bias": {"word": 1}}, "logit_bias.word", "invalid_value"),
+        (ChatRequest, {"logit_bias": [1]}, "logit_bias", "invalid_type"),
+        (CompletionRequest, {"logprobs": True}, "logprobs", "invalid_type"),
+        (CompletionRequest, {"logprobs": 6}, "logprobs", "invalid_value"),
+        (CompletionRequest, {"echo": "true"}, "echo", "invalid_type"),
+        (CompletionRequest, {"suffix": 5}, "suffix", "invalid_type"),
+        (EmbeddingRequest, {"dimensions": "384"}, "dimensions", "invalid_type"),
+    ],
+)
+def test_fields_the_engine_reads_are_checked(
+    model: type, fields: dict[str, Any], param: str, code: str | None
+) -> None:
+    error = refused(model, BUILDERS[model](**fields))
+    assert error.param == param
+    assert error.code == (code or "invalid_value")
+
+
+# -- content parts ------------------------------------------------------------------------
+
+
+def with_content(content: Any) -> bytes:
+    return chat(messages=[{"role": "user", "content": content}])
+
+
+@pytest.mark.parametrize(
+    ("content", "param", "code"),
+    [
+        ([{"type": "text"}], "messages[0].content[0].text", "missing_required_parameter"),
+        ([{"type": "text", "text": 5}], "messages[0].content[0].text", "invalid_type"),
+        ([{"text": "hi"}], "messages[0].content[0].type", "missing_required_parameter"),
+        (["hi"], "messages[0].content[0]", "invalid_type"),
+        ([], "messages[0].content", "invalid_value"),
+        ({"type": "text", "text": "hi"}, "messages[0].content", "invalid_type"),
+    ],
+)
+def test_malformed_content_parts_are_named(content: Any, param: str, code: str) -> None:
+    error = refused(ChatRequest, with_content(content))
+    assert (error.param, error.code) == (param, code)
+
+
+def test_text_parts_keep_their_extra_fields() -> None:
+    parts = [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}]
+    assert orjson.loads(encode(parse(ChatRequest, with_content(parts))))["messages"] == [
+        {"role": "user", "content": parts}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("parts", "text"),
+    [
+        ([{"type": "text", "text": "a"}], "a"),
+        ([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "a\nb"),
+        ([{"type": "text", "text": ""}], ""),
+        ([{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}], None),
+        ([{"type": "refusal", "refusal": "no"}], None),
+    ],
+)
+def test_joined_text(parts: list[dict[str, Any]], text: str | None) -> None:
+    assert joined_text(parts) == text
+
+
+# -- what is forwarded is what was checked ------------------------------------------------
+
+
+def test_a_duplicate_key_is_forwarded_once_with_the_value_checked() -> None:
+    raw = b'{"model": "m", "prompt": "x", "stream": true, "max_tokens": 0, "max_tokens": 3}'
+    body = parse(CompletionRequest, raw)
+    assert body.max_tokens == 3
+    assert encode(body).count(b"max_tokens") == 1
+    assert orjson.loads(encode(body))["max_tokens"] == 3
+
+
+def test_fields_left_out_stay_out() -> None:
+    forwarded = orjson.loads(encode(parse(EmbeddingRequest, embedding())))
+    assert forwarded == {"model": "m", "input": "text"}  # no default filled in
+    forwarded = orjson.loads(encode(parse(ChatRequest, chat(max_tokens=None))))
+    assert forwarded == {"model": "m", "messages": USER, "max_tokens": None}
 
 
 # -- fuzzing: a model or InvalidRequest, never anything else ------------------------------
@@ -376,3 +511,17 @@ def test_fuzz_text_with_surrogates_and_junk(
     raw = json.dumps(document, ensure_ascii=True).encode()
     middle = len(raw) // 2
     check(model, raw[:middle] + text.encode("utf-8", "surrogatepass") + raw[middle:])
+
+
+@FUZZ
+@given(model=st.sampled_from(MODELS), document=plausible_bodies)
+def test_fuzz_what_is_forwarded_is_what_was_checked(model: type, document: dict[str, Any]) -> None:
+    """Every accepted body is forwarded as the JSON it was read as (no value changed,
+    none added), and reads back as the same request."""
+    try:
+        body = parse(model, json.dumps(document).encode())
+    except InvalidRequest:
+        return
+    forwarded = orjson.loads(encode(body))
+    assert forwarded == orjson.loads(json.dumps(document))
+    assert parse(model, encode(body)) == body

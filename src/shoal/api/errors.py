@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
 from shoal.errors import (
-    BusyError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -37,9 +35,7 @@ def error_body(error: ShoalError) -> bytes:
 
 
 def error_response(error: ShoalError, headers: dict[str, str] | None = None) -> web.Response:
-    all_headers = dict(headers or {})
-    if isinstance(error, BusyError):
-        all_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    all_headers = {**(headers or {}), **error.headers()}
     return web.Response(
         body=error_body(error),
         status=error.status,
@@ -61,9 +57,23 @@ def from_http_exception(exc: web.HTTPException) -> ShoalError:
         return MethodNotAllowed(f"method not allowed; use {', '.join(sorted(exc.allowed_methods))}")
     if isinstance(exc, web.HTTPNotFound):
         return NotFound("no such endpoint")
-    error = InvalidRequest(exc.reason or "bad request")
+    error: ShoalError
+    if exc.status >= 500:
+        error = ShoalError(exc.reason or "internal error")
+    else:
+        error = InvalidRequest(exc.reason or "bad request", code=_HTTP_CODES.get(exc.status))
     error.status = exc.status
     return error
+
+
+# Codes for the other refusals aiohttp raises inside a handler, named after the status.
+_HTTP_CODES = {
+    408: "request_timeout",
+    411: "length_required",
+    415: "unsupported_media_type",
+    417: "expectation_failed",
+    431: "request_header_fields_too_large",
+}
 
 
 @web.middleware

@@ -7,7 +7,14 @@ from aiohttp import web
 
 from shoal.api.bodies import read_body
 from shoal.api.relay import relay
-from shoal.api.requests import ChatRequest, CompletionRequest, EmbeddingRequest, RequestBody, parse
+from shoal.api.requests import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RequestBody,
+    encode,
+    parse,
+)
 from shoal.api.services import DISPATCHER, LIMITS, VIEWS
 from shoal.backends.base import Operation
 from shoal.protocol import ROUTE_HEADER, SERVED_BY_HEADER
@@ -41,7 +48,8 @@ async def _forward(
     raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
     body = parse(schema, raw)
     policy = hop_policy(request.headers)
-    async with app[DISPATCHER].open(op, body.model, raw, policy) as opened:
+    # The checked body is what travels on, never the client's bytes (shoal.api.requests).
+    async with app[DISPATCHER].open(op, body.model, encode(body), policy) as opened:
         headers: dict[str, str] = {ROUTE_HEADER: opened.route}
         if opened.upstream.served_by:  # the peer that produced it says so
             headers[SERVED_BY_HEADER] = opened.upstream.served_by

@@ -2,6 +2,9 @@
 
 Run by the supervisor as `python -m shoal.engine.worker --socket PATH ...`; it listens
 on a Unix socket, so a crash or hang in native code takes down only this process.
+Bodies are parsed with the node's own request models (`shoal.api.requests`): a client
+mistake is a 400 naming the parameter here too, and what the model cannot do (more than
+one choice, logprobs, images) is a 400 saying so; 500 is kept for the engine failing.
 Generations run one at a time (a llama.cpp context holds one sequence) in a worker
 thread; requests wait their turn in FIFO order. A client that goes away cancels its
 generation at the next token. The process exits when its parent closes its stdin.
@@ -28,6 +31,15 @@ import orjson
 from aiohttp import web
 
 from shoal import protocol
+from shoal.api.requests import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    as_json,
+    joined_text,
+    parse,
+)
+from shoal.errors import InvalidRequest
 
 log = logging.getLogger("shoal.engine.worker")
 
@@ -38,13 +50,11 @@ _SAMPLING_CHAT = (*_SAMPLING, "logprobs", "top_logprobs", "response_format")
 _SAMPLING_COMPLETION = (*_SAMPLING, "logprobs")
 
 
-class RequestError(Exception):
+class RequestError(InvalidRequest):
     """A request the engine cannot serve; becomes a 400 in OpenAI's shape."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
+        super().__init__(message, param=param, code=code)
 
 
 class _Watch:
@@ -121,7 +131,8 @@ class Generator:
             try:
                 vocab = self._llm.n_vocab()
                 if any(not 0 <= token < vocab for token in counter.bias):
-                    raise RequestError(f"logit_bias token ids must be below {vocab}", "logit_bias")
+                    message = f"logit_bias token ids must be below {vocab}"
+                    raise RequestError(message, "logit_bias", "invalid_value")
                 result = method(**kwargs, logits_processor=LogitsProcessorList([counter]))
                 if isinstance(result, Iterator):
                     for chunk in result:
@@ -132,8 +143,10 @@ class Generator:
                 else:
                     finish_reason = _finish_reason(result)
                     emit(result)
-            except ValueError as exc:  # llama-cpp-python's "prompt too long" and kin
-                emit(RequestError(str(exc), code="context_length_exceeded"))
+            except RequestError as exc:
+                emit(exc)
+            except ValueError as exc:  # llama-cpp-python refusing the request
+                emit(_refused_by_llama(exc, "messages" if chat else "prompt"))
             except Exception as exc:
                 emit(exc)
             finally:
@@ -154,6 +167,14 @@ class Generator:
                 emit(_DONE)
 
 
+def _refused_by_llama(exc: ValueError, prompt_param: str) -> RequestError:
+    """llama-cpp-python says what is wrong with a request only in a ValueError's words."""
+    message = str(exc)
+    if "exceed context window" in message:  # "Requested tokens (N) exceed context window of M"
+        return RequestError(message, prompt_param, "context_length_exceeded")
+    return RequestError(message, code="invalid_value")
+
+
 def _finish_reason(chunk: Any) -> str | None:
     choices = chunk.get("choices") or [{}]
     reason = choices[0].get("finish_reason")
@@ -163,7 +184,8 @@ def _finish_reason(chunk: Any) -> str | None:
 def sampling_kwargs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
     """The OpenAI request fields, as llama-cpp-python arguments."""
     if (body.get("n") or 1) != 1:
-        raise RequestError("the embedded engine generates one choice per request", "n")
+        message = "the embedded engine generates one choice per request"
+        raise RequestError(message, "n", "unsupported_value")
     fields = _SAMPLING_CHAT if chat else _SAMPLING_COMPLETION
     kwargs = {key: body[key] for key in fields if body.get(key) is not None}
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -172,18 +194,21 @@ def sampling_kwargs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
         try:
             bias = {int(k): float(v) for k, v in body["logit_bias"].items()}
         except (TypeError, ValueError, AttributeError):
-            raise RequestError("logit_bias maps token ids to numbers", "logit_bias") from None
+            message = "logit_bias maps token ids to numbers"
+            raise RequestError(message, "logit_bias", "invalid_type") from None
         if not all(-100 <= v <= 100 for v in bias.values()):
-            raise RequestError("logit_bias values must be between -100 and 100", "logit_bias")
+            message = "logit_bias values must be between -100 and 100"
+            raise RequestError(message, "logit_bias", "invalid_value")
         kwargs["logit_bias"] = bias
     kwargs["stream"] = bool(body.get("stream"))
     if chat:
-        kwargs["messages"] = body["messages"]
+        kwargs["messages"] = text_messages(body["messages"])
     else:
         prompt = body["prompt"]
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
-                raise RequestError("the embedded engine takes one prompt per request", "prompt")
+                message = "the embedded engine takes one prompt per request"
+                raise RequestError(message, "prompt", "unsupported_value")
             prompt = prompt[0]
         kwargs["prompt"] = prompt
         if body.get("echo"):
@@ -191,6 +216,42 @@ def sampling_kwargs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
         if body.get("suffix") is not None:
             kwargs["suffix"] = body["suffix"]
     return kwargs
+
+
+def text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as llama.cpp's chat templates take them: a message's text parts joined
+    into one string. The model reads text only: any other part is refused."""
+    result = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.get("type") != "text":
+                    raise RequestError(
+                        f"the embedded engine's model reads text only; it cannot take a "
+                        f"content part of type {part.get('type')!r}",
+                        f"messages[{i}].content[{j}].type",
+                        "unsupported_value",
+                    )
+            message = {**message, "content": joined_text(content)}
+        result.append(message)
+    return result
+
+
+def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+    """Refuse what the engine would otherwise drop or fail on: llama.cpp computes
+    logprobs only for a model loaded with every token's logits kept (`logits_all`),
+    which would cost context x vocabulary floats (about 400 MB for SmolLM2)."""
+    if chat:  # `logprobs: false` and `top_logprobs: 0` ask for nothing
+        asked = [p for p in ("logprobs", "top_logprobs") if body.get(p)]
+    else:  # a count of top tokens: 0 asks for the chosen token's
+        asked = ["logprobs"] if body.get("logprobs") is not None else []
+    if asked:
+        raise RequestError(
+            f"Unsupported parameter: '{asked[0]}' is not supported by the embedded engine.",
+            asked[0],
+            "unsupported_parameter",
+        )
 
 
 class Worker:
@@ -234,11 +295,12 @@ class Worker:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
-        body = orjson.loads(await request.read())
         try:
+            body = as_json(parse(ChatRequest if chat else CompletionRequest, await request.read()))
+            refuse_unsupported(body, chat)
             kwargs = sampling_kwargs(body, chat)
-        except RequestError as exc:
-            return _error(400, str(exc), exc.param, exc.code)
+        except InvalidRequest as exc:
+            return _refusal(exc)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -256,8 +318,8 @@ class Worker:
         future = loop.run_in_executor(self._executor, g.run, chat, kwargs, emit, cancel)
         try:
             first = await queue.get()
-            if isinstance(first, RequestError):
-                return _error(400, str(first), first.param, first.code)
+            if isinstance(first, InvalidRequest):
+                return _refusal(first)
             if isinstance(first, BaseException):
                 log.error("generation failed: %r", first)
                 return _error(500, f"the engine failed: {type(first).__name__}")
@@ -304,19 +366,21 @@ class Worker:
         return response
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read())
-        texts = body["input"]
-        if isinstance(texts, str):
-            texts = [texts]
+        try:
+            body = parse(EmbeddingRequest, await request.read())
+        except InvalidRequest as exc:
+            return _refusal(exc)
+        texts = [body.input] if isinstance(body.input, str) else body.input
         if not all(isinstance(t, str) for t in texts):
-            return _error(400, "the embedding model takes text input, not token ids", "input")
-        dims = body.get("dimensions")
+            message = "the embedding model takes text input, not token ids"
+            return _error(400, message, "input", "unsupported_value")
+        dims = body.dimensions
         if dims is not None and dims != self.embedder.dimensions:
             message = f"{self.embedder.model_id} has {self.embedder.dimensions} dimensions"
-            return _error(400, message, "dimensions")
+            return _error(400, message, "dimensions", "unsupported_value")
         loop = asyncio.get_running_loop()
         vectors, tokens = await loop.run_in_executor(self._executor, self.embedder.embed, texts)
-        as_base64 = body.get("encoding_format") == "base64"
+        as_base64 = body.encoding_format == "base64"
         data = [
             {
                 "object": "embedding",
@@ -359,6 +423,10 @@ def _error_doc(
     message: str, param: str | None = None, code: str | None = None, kind: str = "server_error"
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _refusal(exc: InvalidRequest) -> web.Response:
+    return _error(400, exc.message, exc.param, exc.code)
 
 
 def _error(
