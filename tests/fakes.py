@@ -46,7 +46,10 @@ def _chunk(model: str, content: str | None, finish: str | None = None) -> bytes:
 
 class FakeServer:
     """modes: "ok", "500", "html500", "reset" (close before answering),
-    "stall" (never answer), "die_mid_stream" (stream 2 chunks, then drop the connection)."""
+    "stall" (never answer), "die_mid_stream" (stream 2 chunks, then drop the connection),
+    "silent_mid_stream" (stream 2 chunks, then send nothing more, the connection open:
+    a pulled cable or a hung engine), "silent_before_first_chunk" (a stream's headers,
+    then nothing), "silent_mid_body" (half of a non-streamed answer, then nothing)."""
 
     def __init__(self, models: list[str], *, ollama: bool = False) -> None:
         self.models = models
@@ -152,10 +155,15 @@ class FakeServer:
         model = body["model"]
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if mode == "silent_mid_body":
+            return await self._silent_mid_body(request, model)
         if not body.get("stream"):
             return web.json_response(_chat_response(model, "".join(self.words)))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if mode == "silent_before_first_chunk":
+            await self._released.wait()
+            return response
         for word in self.words:
             await response.write(_chunk(model, word))
             if self.chunk_gap_s:
@@ -164,8 +172,20 @@ class FakeServer:
                 assert request.transport is not None
                 request.transport.abort()
                 return response
+            if mode == "silent_mid_stream" and word == " from":
+                await self._released.wait()
+                return response
         await response.write(_chunk(model, None, "stop"))
         await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def _silent_mid_body(self, request: web.Request, model: str) -> web.StreamResponse:
+        answer = orjson.dumps(_chat_response(model, "".join(self.words)))
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(answer)
+        await response.prepare(request)
+        await response.write(answer[: len(answer) // 2])
+        await self._released.wait()
         return response
 
     async def _embeddings(self, request: web.Request) -> web.Response:

@@ -13,6 +13,8 @@ subscribed here:
     TrustChanged from paired to not           restart the peer TLS listener with a
                                               context that no longer trusts the node
     PeerJoined                                wake LAN mode's "anyone there?" wait
+    PeerStateChanged                          meet the nodes the peer introduces
+                                              (`shoal.mesh.introductions`)
     peers, trust, backends (all of them)      one log line each
     RequestFinished (debug logging only)      one debug line per request
 """
@@ -27,8 +29,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from shoal.api import services
-from shoal.api.access import HEADER_LIMITS, MachineHosts, peer_port_caller
+from shoal.api.access import HEADER_LIMITS, MachineHosts, is_loopback_address, peer_port_caller
 from shoal.api.app import build_app
+from shoal.api.connections import ConnectionBook, connection_caps
+from shoal.api.listener import GuardedSite, Listeners
 from shoal.api.views import Views
 from shoal.backends.detect import Detector, make_backend
 from shoal.backends.registry import BackendRegistry
@@ -53,10 +57,11 @@ from shoal.events import (
 from shoal.mesh import identity, scan
 from shoal.mesh.advert import OwnState
 from shoal.mesh.identity import short_id
+from shoal.mesh.introductions import Introducer
 from shoal.mesh.mdns import MdnsDiscovery, advertised_addresses
 from shoal.mesh.peers import Peers
 from shoal.mesh.state import local_hardware
-from shoal.process import install_accept_error_handler, raise_fd_limit
+from shoal.process import install_accept_error_handler, open_file_limit, raise_fd_limit
 from shoal.routing.dispatch import Dispatcher
 from shoal.routing.ledger import LoadLedger
 from shoal.routing.router import Router
@@ -124,6 +129,9 @@ class Node:
             static=settings.peers,
             timeout_s=settings.mesh.heartbeat_timeout_s,
         )
+        # Our snapshot introduces our peers; theirs introduce theirs, met through admission.
+        self.own_state.introductions = self.peers.introductions
+        self.introducer = Introducer(self.peers, self.admission.sighted)
         self.scanner = scan.Scanner(
             lambda url: self.admission.meet(url, "scan", timeout_s=1.5),
             self_id=self.node_id,
@@ -151,7 +159,10 @@ class Node:
         self.app = self._build_app()
 
         self._runner: web.AppRunner | None = None
-        self._peer_site: web.TCPSite | None = None
+        self.listeners: Listeners | None = None  # made in run(): it needs the loop
+        # Addresses the connection caps never count nor refuse (tests narrow it).
+        self.uncapped: Callable[[str], bool] = is_loopback_address
+        self._peer_site: GuardedSite | None = None
         self._restarts: set[asyncio.Task[None]] = set()
         self._first_peer = asyncio.Event()
         self.restart_backoff = RESTART_BACKOFF  # for a failed background task
@@ -185,6 +196,7 @@ class Node:
         bus.subscribe(LoadChanged, self._load_changed)
         bus.subscribe(TrustChanged, self._trust_changed)
         bus.subscribe(PeerJoined, lambda event: self._first_peer.set())
+        bus.subscribe(PeerStateChanged, self.introducer.heard)
         # The log hears membership, trust and backend changes, never the request path.
         for logged in (PeerEvent, TrustChanged, BackendUp, BackendDown):
             bus.subscribe(logged, _log_event)
@@ -210,16 +222,26 @@ class Node:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; every background task ends with the node, not before."""
-        runner = self._runner = web.AppRunner(
-            self.app,
-            handler_cancellation=True,
-            access_log=None,
-            keepalive_timeout=self.settings.limits.idle_timeout_s,
-            **HEADER_LIMITS,
-        )
+        limits = self.settings.limits
+        # The runner's Server only dispatches: each connection's handler is made by the
+        # listeners (`shoal.api.listener`), with these options, once it is admitted.
+        runner = self._runner = web.AppRunner(self.app, handler_cancellation=True)
         await runner.setup()
+        caps = connection_caps(
+            limits.max_connections_per_source, limits.max_connections, open_file_limit()
+        )
+        self.listeners = Listeners(
+            ConnectionBook(caps, exempt=self.uncapped),  # loopback: always served
+            header_timeout_s=limits.header_timeout_s,
+            handler_options={
+                "auto_decompress": False,  # shoal.api.bodies inflates, bounded by the body cap
+                "keepalive_timeout": limits.idle_timeout_s,
+                **HEADER_LIMITS,
+            },
+        )
+        log.debug("LAN connections: at most %d per address, %d in all", caps.per_source, caps.total)
         host = self.settings.bind_host
-        site = web.TCPSite(runner, host, self.settings.port, reuse_address=True)
+        site = self.listeners.site(runner, host, self.settings.port)
         try:
             await site.start()
             self.port = runner.addresses[0][1]
@@ -274,15 +296,14 @@ class Node:
 
     async def _start_peer_site(self) -> None:
         """The mTLS listener for peers; rebuilt when a node loses trust."""
-        assert self._runner is not None
+        assert self._runner is not None and self.listeners is not None
         if self._peer_site is not None:
             await self._peer_site.stop()
-        self._peer_site = web.TCPSite(
+        self._peer_site = self.listeners.site(
             self._runner,
             self.settings.bind_host,
             self.trust.peer_port,
             ssl_context=self.trust.server_context,
-            reuse_address=True,
         )
         await self._peer_site.start()
         if self.trust.peer_port == 0:  # learn the port the system chose

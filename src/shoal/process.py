@@ -29,6 +29,9 @@ ACCEPT_ERROR_INTERVAL_S = 10.0
 # (`BaseSelectorEventLoop._accept_connection`), and the errnos it says it for.
 _ACCEPT_MESSAGE = "socket.accept() out of system resource"
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# And what it reports when one of its retries of accept() — it schedules one per failure,
+# up to the listen backlog per wake-up — runs after its listener has closed.
+_STALE_RETRY_MESSAGE = "Exception in callback BaseSelectorEventLoop._start_serving("
 
 
 def raise_fd_limit(cap: int = FD_LIMIT_CAP) -> int:
@@ -45,6 +48,13 @@ def raise_fd_limit(cap: int = FD_LIMIT_CAP) -> int:
         return target
     log.debug("open file limit %d kept (hard limit %s)", soft, hard)
     return soft
+
+
+def open_file_limit() -> int:
+    """The soft RLIMIT_NOFILE now (`FD_LIMIT_CAP` when unlimited): what the node's
+    connection cap is derived from, after `raise_fd_limit` raised it."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return FD_LIMIT_CAP if soft == resource.RLIM_INFINITY else soft
 
 
 class RateLimit:
@@ -73,8 +83,18 @@ def is_accept_resource_error(context: dict[str, Any]) -> bool:
     )
 
 
+def is_stale_accept_retry(context: dict[str, Any]) -> bool:
+    """A retry of accept() scheduled while descriptors were short, run after its listener
+    closed ("Invalid file descriptor: -1"): harmless, but thousands of tracebacks at
+    shutdown after a descriptor exhaustion."""
+    return isinstance(context.get("exception"), ValueError) and str(
+        context.get("message", "")
+    ).startswith(_STALE_RETRY_MESSAGE)
+
+
 class AcceptErrorHandler:
-    """A loop exception handler: accept() resource errors rate-limited, the rest as usual."""
+    """A loop exception handler: accept() resource errors rate-limited, stale retries of
+    accept() dropped, the rest as usual."""
 
     def __init__(
         self,
@@ -85,6 +105,8 @@ class AcceptErrorHandler:
         self._clock = clock
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if is_stale_accept_retry(context):
+            return
         if not is_accept_resource_error(context):
             loop.default_exception_handler(context)
             return

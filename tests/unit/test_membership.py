@@ -227,6 +227,26 @@ def test_a_discovered_peer_removed_by_misses_is_reprobed_for_hours_then_waits() 
     assert probe(m, "a", now + 100.0, ok=True) == [Event("joined", "a")]
 
 
+def test_an_introduced_peer_that_never_answered_is_not_reprobed() -> None:
+    # The introductions' own bounded backoff decides whether it is tried again.
+    m = Membership("me")
+    m.sighted("a", A, 0.0, "introduced")
+    for now in (0.0, 5.0, 10.0):
+        probe(m, "a", now, ok=False)
+    v = view(m, "a")
+    assert (v.state, v.next_due) == (PeerState.REMOVED, None)
+    # Introduced again later: tried at once, and it joins.
+    m.sighted("a", A, 60.0, "introduced")
+    assert probe(m, "a", 60.0, ok=True) == [Event("joined", "a")]
+
+
+def test_an_introduced_peer_that_was_alive_is_reprobed_like_a_discovered_one() -> None:
+    m = alive(Membership("me"), "a", 0.0, source="introduced")
+    for now in (5.0, 6.0, 7.0):
+        probe(m, "a", now, ok=False)
+    assert view(m, "a").next_due == 9.0  # a partition: rejoin probes, as for mDNS or scan
+
+
 def test_a_healed_partition_rejoins_on_the_next_probe() -> None:
     m = alive(Membership("me"), "a", 0.0, source="scan")
     for now in (5.0, 6.0, 7.0):
@@ -356,7 +376,7 @@ def test_sources_accumulate_and_an_address_change_is_reported_and_checked_at_onc
     assert m.sighted("a", B, 2.5, "mdns") == []
 
 
-@pytest.mark.parametrize("source", ["mdns", "scan"])
+@pytest.mark.parametrize("source", ["mdns", "scan", "introduced"])
 def test_a_hint_cannot_move_a_live_peer(source: Source) -> None:
     m = alive(Membership("me"), "a", 0.0, source="static")
     assert m.sighted("a", B, 1.0, source) == []

@@ -16,7 +16,17 @@ from hypothesis import strategies as st
 
 from shoal.mesh import identity
 from shoal.mesh.scan import scan_targets
-from shoal.mesh.state import Hardware, Load, ModelAdvert, NodeState, ProtocolError, decode
+from shoal.mesh.state import (
+    MAX_INTRODUCTIONS,
+    Hardware,
+    Introduction,
+    Load,
+    ModelAdvert,
+    NodeState,
+    ProtocolError,
+    api_address,
+    decode,
+)
 
 NODE_ID = "ab" * 32
 
@@ -35,6 +45,10 @@ def sample() -> NodeState:
         ),
         load=Load(in_flight=1, queued=0, capacity=2),
         hardware=Hardware(cpu="x", cores=8, ram_bytes=32 << 30, gpu="rtx", vram_bytes=8 << 30),
+        peers=(
+            Introduction("cd" * 32, "http://10.0.0.3:11450"),
+            Introduction("ef" * 32, "http://[fd00::4]:11450"),
+        ),
     )
 
 
@@ -74,6 +88,56 @@ def test_malformed_snapshots_are_refused(field: str, value: object) -> None:
     document[field] = value
     with pytest.raises(ProtocolError):
         decode(_dumps(document))
+
+
+PEER = {"node_id": "cd" * 32, "address": "http://10.0.0.3:11450"}
+
+
+@pytest.mark.parametrize(
+    "peers",
+    [
+        "http://10.0.0.3:11450",
+        [PEER] * (MAX_INTRODUCTIONS + 1),
+        ["cd" * 32],
+        [{"node_id": "cd" * 32}],
+        [{**PEER, "name": "extra"}],  # strict: nothing but the two fields
+        [{**PEER, "node_id": "xyz"}],
+        [{**PEER, "address": "http://studio.local:11450"}],  # names are not introduced
+        [{**PEER, "address": "https://10.0.0.3:11450"}],
+        [{**PEER, "address": "http://10.0.0.3"}],
+        [{**PEER, "address": "http://10.0.0.3:70000"}],
+        [{**PEER, "address": "http://user@10.0.0.3:11450"}],
+        [{**PEER, "address": "http://10.0.0.3:11450/v1"}],
+        [{**PEER, "address": 11450}],
+    ],
+)
+def test_malformed_introductions_are_refused(peers: object) -> None:
+    document = orjson.loads(sample().encode())
+    document["peers"] = peers
+    with pytest.raises(ProtocolError):
+        decode(_dumps(document))
+
+
+def test_a_snapshot_that_introduces_nobody_may_leave_the_list_out() -> None:
+    document = orjson.loads(sample().encode())
+    del document["peers"]
+    assert decode(_dumps(document)).peers == ()
+
+
+@pytest.mark.parametrize(
+    ("raw", "address"),
+    [
+        ("http://10.0.0.3:11450/", "http://10.0.0.3:11450"),
+        ("http://[FD00::4]:11450", "http://[fd00::4]:11450"),
+        ("http://127.0.0.1:8", "http://127.0.0.1:8"),
+        ("http://10.0.0.3:0", None),
+        ("http://010.0.0.3:11450", None),
+        ("http://studio:11450", None),
+        (None, None),
+    ],
+)
+def test_api_addresses_are_ip_literals_normalised(raw: object, address: str | None) -> None:
+    assert api_address(raw) == address
 
 
 def _dumps(document: dict[str, object]) -> bytes:

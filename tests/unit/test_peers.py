@@ -116,3 +116,16 @@ def test_the_liveness_timers_come_from_the_settings() -> None:
     timing = peers.membership.timing
     assert (timing.new_interval_s, timing.misses_to_remove) == (1.5, 5)
     assert MeshSettings().timing() == type(timing)()  # the defaults are Timing's own
+
+
+async def test_a_peer_joining_pushes_our_state_so_the_others_hear_of_it(
+    recorded: tuple[EventBus, list[Event]],
+) -> None:
+    bus, _ = recorded
+    peers = make(bus)
+    assert not peers._push.is_set()
+    peers.received(state(PEER), "http://10.0.0.2:11450")  # joined: introduced to the rest
+    assert peers._push.is_set()
+    peers._push.clear()
+    peers.received(state(PEER, seq=2), "http://10.0.0.2:11450")  # a beat: nothing new
+    assert not peers._push.is_set()

@@ -14,7 +14,9 @@ In order, for every request, in one middleware:
    `invalid_api_key`). Unknown paths need what the client API needs.
 
 Also here: the HTTP header limits for the server (`HEADER_LIMITS`), and a logging
-filter that keeps keys and bearer tokens out of the log (`install_log_redaction`).
+filter that keeps keys and bearer tokens out of the log (`install_log_redaction`). The
+middleware also tells the connection when a request head is in and when its answer is
+done (`shoal.api.listener.handling`: the header timeout).
 Errors are raised as `shoal.errors` exceptions; `shoal.api.errors` formats them.
 """
 
@@ -37,6 +39,7 @@ from aiohttp.typedefs import Middleware
 
 from shoal.api.audience import Audience, Caller, Verdict, decide
 from shoal.api.errors import Handler
+from shoal.api.listener import handling
 from shoal.errors import Forbidden, ShoalError, Unauthorized
 from shoal.mesh import interfaces
 from shoal.settings import ClusterMode, Settings
@@ -289,15 +292,17 @@ def access_middleware(
 
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
-        check_host(request)
-        caller = caller_of(request)
-        verdict = decide(audience_of(request), caller, cluster_mode())
-        if verdict is Verdict.NEED_KEY:
-            check_key(request)
-        elif verdict is not Verdict.ALLOW:
-            raise Forbidden(_REFUSALS[verdict])
-        request[CALLER] = caller
-        return await handler(request)
+        # The head is in: its connection's header timer stops until the answer is done.
+        with handling(request):
+            check_host(request)
+            caller = caller_of(request)
+            verdict = decide(audience_of(request), caller, cluster_mode())
+            if verdict is Verdict.NEED_KEY:
+                check_key(request)
+            elif verdict is not Verdict.ALLOW:
+                raise Forbidden(_REFUSALS[verdict])
+            request[CALLER] = caller
+            return await handler(request)
 
     return access
 

@@ -1,55 +1,54 @@
-"""Relaying a backend's answer to the client: streams chunk by chunk, nothing buffered."""
+"""Relaying an answer to the client: streams chunk by chunk, nothing buffered.
+
+The dispatcher hands over an answer whose first byte is in (`routing.dispatch.Answer`):
+until then a failure went to the next target. From here on the answer is the client's,
+so a stream that breaks or stalls (`limits.stall_timeout_s`) ends with an error event.
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from shoal.api.errors import error_response, sse_error_event
-from shoal.errors import ShoalError, UpstreamError, UpstreamFailed
+from shoal.errors import ShoalError, UpstreamFailed
 from shoal.protocol import error_message
 from shoal.routing.dispatch import Opened
-
-_SSE = "text/event-stream"
 
 
 async def relay(
     request: web.Request, opened: Opened, headers: dict[str, str]
 ) -> web.StreamResponse:
-    upstream = opened.upstream
-    if upstream.status == 200 and upstream.content_type.startswith(_SSE):
+    answer = opened.answer
+    if answer.streamed:
         return await _relay_stream(request, opened, headers)
-    try:
-        raw = await upstream.read()
-    except UpstreamError as exc:
-        opened.broke()
-        return error_response(exc, headers)
+    raw = await answer.read()  # already in: the dispatcher read it whole
     opened.first_byte()
-    if upstream.status >= 400 and error_message(raw) is None:
-        error = UpstreamFailed(f"the backend answered {upstream.status}")
-        error.status = upstream.status if upstream.status < 500 else 502
+    if answer.status >= 400 and error_message(raw) is None:
+        error = UpstreamFailed(f"the backend answered {answer.status}")
+        error.status = answer.status if answer.status < 500 else 502
         return error_response(error, headers)
     return web.Response(
         body=raw,
-        status=upstream.status,
-        headers={**headers, "Content-Type": upstream.content_type},
+        status=answer.status,
+        headers={**headers, "Content-Type": answer.content_type},
     )
 
 
 async def _relay_stream(
     request: web.Request, opened: Opened, headers: dict[str, str]
 ) -> web.StreamResponse:
-    upstream = opened.upstream
+    answer = opened.answer
     response = web.StreamResponse(
         status=200,
         headers={
             **headers,
-            "Content-Type": upstream.content_type,
+            "Content-Type": answer.content_type,
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
         },
     )
     await response.prepare(request)
-    chunks = upstream.chunks()
+    chunks = answer.chunks()
     try:
         # The first chunk apart, so that the loop over the rest carries no check.
         async for chunk in chunks:

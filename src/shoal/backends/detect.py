@@ -24,6 +24,7 @@ def make_backend(config: BackendSettings, limits: LimitSettings) -> Backend:
         api_key=config.api_key.get_secret_value() if config.api_key else None,
         connect_timeout_s=limits.connect_timeout_s,
         read_timeout_s=limits.read_timeout_s,
+        stall_timeout_s=limits.stall_timeout_s,
     )
     name = config.name or default_name(config.kind, config.url)
     if config.kind == "ollama":

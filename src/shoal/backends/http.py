@@ -1,6 +1,12 @@
 """Talking HTTP to an OpenAI-compatible server: the transport every backend shares.
 
 aiohttp errors are translated into Shoal's error tree here, once.
+
+Every wait on the network (connecting and the answer's head in `send`, each read of its
+body) runs under an `asyncio.Timeout` the transport holds in its `Waits`. `abort()`
+moves all their deadlines to now: a peer found silent (a pulled cable sends no RST)
+frees its requests at once, whether they are connecting, waiting for an answer or in
+the middle of a stream, instead of each waiting out its own timeout.
 """
 
 from __future__ import annotations
@@ -15,41 +21,98 @@ import orjson
 
 from shoal.backends.base import Operation
 from shoal.errors import BackendUnavailable, UpstreamFailed, UpstreamTimeout
+from shoal.settings import LimitSettings
+
+#: For callers that pass none: the setting's default (`limits.stall_timeout_s`).
+DEFAULT_STALL_TIMEOUT_S: float = LimitSettings.model_fields["stall_timeout_s"].default
+
+
+class Waits:
+    """The network waits of one transport, and why they were cut short, if they were."""
+
+    __slots__ = ("_live", "reason")
+
+    def __init__(self) -> None:
+        self._live: set[asyncio.Timeout] = set()
+        self.reason: str | None = None  # set by abort(): every later wait fails at once
+
+    def start(self, delay: float | None) -> asyncio.Timeout:
+        """A timeout to wait under; `end()` it after. Raises if the transport was aborted."""
+        if self.reason is not None:
+            raise UpstreamFailed(self.reason)
+        timeout = asyncio.timeout(delay)
+        self._live.add(timeout)
+        return timeout
+
+    def end(self, timeout: asyncio.Timeout) -> None:
+        self._live.discard(timeout)
+
+    def abort(self, reason: str) -> None:
+        self.reason = reason
+        now = asyncio.get_running_loop().time()
+        for timeout in self._live:
+            if not timeout.expired():
+                timeout.reschedule(now)
 
 
 class HttpUpstream:
-    """An aiohttp response being relayed. Implements `Upstream`."""
+    """An aiohttp response being relayed. Implements `Upstream`.
 
-    __slots__ = ("_response", "content_type", "served_by", "status")
+    The wait for the body's first bytes is the session's read timeout (a queued request
+    or a long prompt waits there); once the body has begun, every later read must bring
+    something within the stall timeout (tokens come every few tens of ms: silence this
+    long is a pulled cable or a hung engine, not a slow one).
+    """
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    __slots__ = (
+        "_begun", "_response", "_stall_timeout_s", "_waits", "content_type", "served_by",
+        "status",
+    )  # fmt: skip
+
+    def __init__(
+        self, response: aiohttp.ClientResponse, stall_timeout_s: float, waits: Waits
+    ) -> None:
         self._response = response
+        self._stall_timeout_s = stall_timeout_s
+        self._waits = waits
+        self._begun = False  # some of the body has arrived
         self.status = response.status
         self.content_type = response.headers.get("Content-Type", "application/json")
         # Set when the answer comes from another Shoal node (a peer, after a hop).
         self.served_by = response.headers.get("X-Shoal-Served-By")
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        content = self._response.content
-        try:
-            while True:
-                # readany() returns whatever has arrived: no buffering between chunks.
-                data = await content.readany()
-                if not data:
-                    return
-                yield data
-        except TimeoutError:
-            raise UpstreamTimeout("the backend stopped sending (read timeout)") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailed(f"the backend broke off its answer ({_describe(exc)})") from None
+        while data := await self._next():
+            yield data
 
     async def read(self) -> bytes:
+        parts = []
+        while data := await self._next():
+            parts.append(data)
+        return b"".join(parts)
+
+    async def _next(self) -> bytes:
+        """Whatever has arrived of the body (no buffering between chunks); b"" at its end."""
+        content = self._response.content
+        # The first read waits within the session's read timeout, the others the stall's.
+        timeout = self._waits.start(self._stall_timeout_s if self._begun else None)
         try:
-            return await self._response.read()
+            async with timeout:
+                data = await content.readany()
+            self._begun = True
+            return data
         except TimeoutError:
+            if self._waits.reason is not None:
+                raise UpstreamFailed(self._waits.reason) from None
+            if self._begun:
+                raise UpstreamTimeout(
+                    f"the backend stopped sending for {self._stall_timeout_s:g} s (stall timeout)"
+                ) from None
             raise UpstreamTimeout("the backend did not answer in time (read timeout)") from None
         except aiohttp.ClientError as exc:
             raise UpstreamFailed(f"the backend broke off its answer ({_describe(exc)})") from None
+        finally:
+            self._waits.end(timeout)
 
     def close(self) -> None:
         # close(), not release(): an unfinished stream must not go back to the pool, and
@@ -66,6 +129,7 @@ class HttpTransport:
         *,
         connect_timeout_s: float,
         read_timeout_s: float,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         api_key: str | None = None,
         unix_socket: str | None = None,
         headers: dict[str, str] | None = None,
@@ -75,6 +139,8 @@ class HttpTransport:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout_s, sock_read=read_timeout_s
         )
+        self._stall_timeout_s = stall_timeout_s
+        self._waits = Waits()
         self._probe_timeout = aiohttp.ClientTimeout(total=max(connect_timeout_s, 2.0) + 3.0)
         self._headers = dict(headers or {})
         if api_key:
@@ -102,17 +168,23 @@ class HttpTransport:
 
     async def send(self, op: Operation, body: bytes) -> HttpUpstream:
         url = f"{self.base_url}/v1/{op.value}"
+        timeout = self._waits.start(None)  # the session's connect and read timeouts apply
         try:
-            response = await self._client().post(
-                url, data=body, headers={"Content-Type": "application/json"}
-            )
+            async with timeout:
+                response = await self._client().post(
+                    url, data=body, headers={"Content-Type": "application/json"}
+                )
         except aiohttp.ClientConnectorError as exc:
             raise BackendUnavailable(f"cannot connect to the backend ({_describe(exc)})") from None
         except TimeoutError:
+            if self._waits.reason is not None:
+                raise BackendUnavailable(self._waits.reason) from None
             raise UpstreamTimeout("the backend did not answer in time") from None
         except aiohttp.ClientError as exc:
             raise UpstreamFailed(f"the backend failed ({_describe(exc)})") from None
-        return HttpUpstream(response)
+        finally:
+            self._waits.end(timeout)
+        return HttpUpstream(response, self._stall_timeout_s, self._waits)
 
     async def get_json(self, path: str, timeout_s: float | None = None) -> Any:
         """GET a small JSON document (model lists, health). Raises aiohttp/timeout errors."""
@@ -135,9 +207,16 @@ class HttpTransport:
             response.raise_for_status()
             return await response.read()
 
+    def abort(self, reason: str) -> None:
+        """End every wait on this transport at once with `reason`, and every later one."""
+        self._waits.abort(reason)
+
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        session, self._session = self._session, None
+        if session is not None and session.connector is not None:
+            # Aborted, not shut down: a TLS close_notify to a silent peer waits for ever.
+            await session.connector.close(abort_ssl=True)
+            await session.close()
 
 
 def _describe(exc: BaseException) -> str:

@@ -94,6 +94,7 @@ class EngineBackend:
             unix_socket=str(self._socket),
             connect_timeout_s=limits.connect_timeout_s,
             read_timeout_s=limits.read_timeout_s,
+            stall_timeout_s=limits.stall_timeout_s,
         )
         self._process: asyncio.subprocess.Process | None = None
         self._status = BackendStatus(Health.STARTING, self.models, reason="starting")

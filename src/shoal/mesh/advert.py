@@ -1,12 +1,14 @@
-"""What this node tells its peers about itself: a fresh state snapshot on demand."""
+"""What this node tells its peers about itself: a fresh state snapshot on demand,
+with the peers it introduces (`introductions`, wired by the node to `Peers`)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from shoal import __version__
 from shoal.backends.registry import BackendRegistry
-from shoal.mesh.state import Hardware, Load, ModelAdvert, NodeState
+from shoal.mesh.state import Hardware, Introduction, Load, ModelAdvert, NodeState
 from shoal.routing.ledger import LoadLedger
 
 
@@ -30,6 +32,7 @@ class OwnState:
         self._capacity = capacity
         self._seq = 0
         self._started = time.monotonic()
+        self.introductions: Callable[[], tuple[Introduction, ...]] = tuple
 
     def snapshot(self) -> NodeState:
         """Models held (loaded wins over available), load as the ledger counts it."""
@@ -59,4 +62,5 @@ class OwnState:
                 capacity=self._capacity,
             ),
             hardware=self.hardware,
+            peers=self.introductions(),
         )

@@ -25,6 +25,7 @@ class PeerLink:
             self.url,
             connect_timeout_s=limits.connect_timeout_s,
             read_timeout_s=limits.read_timeout_s,
+            stall_timeout_s=limits.stall_timeout_s,
             headers={HOP_HEADER: "1"},
             ssl_context=context,
         )
@@ -38,6 +39,10 @@ class PeerLink:
 
     async def send(self, op: Operation, body: bytes) -> HttpUpstream:
         return await self._transport.send(op, body)
+
+    def abort(self, reason: str) -> None:
+        """Fail every request on this link at once, wherever it is (see HttpTransport)."""
+        self._transport.abort(reason)
 
     async def aclose(self) -> None:
         await self._transport.aclose()

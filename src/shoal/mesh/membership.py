@@ -25,7 +25,9 @@ operator gave its address (static config or `shoal join`); for `rejoin_for_s` if
 removed by missed heartbeats (a pulled cable or a partition: mDNS sends nothing new for
 records it still caches, so waiting for a sighting would never heal the mesh). A peer
 that said goodbye and was only found by discovery waits to be sighted again: it
-announces itself when it starts.
+announces itself when it starts. A peer known only by introduction that never answered
+is not re-probed either: the introductions' own bounded backoff decides whether it is
+tried again, so a bad introduction cannot cost six hours of probes.
 
 Discovery is a hint: anyone on the LAN can advertise a live peer's ID at another
 address. While a peer answers where it is, an mDNS or scan sighting elsewhere is
@@ -53,14 +55,16 @@ from typing import Final, Literal, get_args
 from shoal.backoff import Backoff
 
 #: Where sightings come from. mDNS adverts, scan hits and peers contacting us recur on
-#: their own; a static peer or a `shoal join` is an address the operator vouched for.
-Source = Literal["mdns", "static", "scan", "join", "peer"]
+#: their own; a static peer or a `shoal join` is an address the operator vouched for;
+#: "introduced": a paired peer's snapshot said where it reaches the node
+#: (`shoal.mesh.introductions`).
+Source = Literal["mdns", "static", "scan", "join", "peer", "introduced"]
 SOURCES: Final = frozenset(get_args(Source))
 #: Sources whose address is worth re-probing after removal: nothing else will bring the
 #: peer back (no re-announce), and the operator asked for it.
 _REJOIN_PROBED_SOURCES: Final[frozenset[Source]] = frozenset({"static", "join"})
 #: Sources that are only hints: they cannot move a live peer to another address.
-_HINT_SOURCES: Final[frozenset[Source]] = frozenset({"mdns", "scan"})
+_HINT_SOURCES: Final[frozenset[Source]] = frozenset({"mdns", "scan", "introduced"})
 
 
 class PeerState(StrEnum):
@@ -385,6 +389,8 @@ class Membership:
     def _rejoin_probed(self, peer: _Peer, now: float) -> bool:
         if not peer.sources.isdisjoint(_REJOIN_PROBED_SOURCES):
             return True
+        if peer.last_seen is None and peer.sources == {"introduced"}:
+            return False  # see the theory of operation
         removed_for = now - (now if peer.removed_at is None else peer.removed_at)
         return not peer.left and removed_for < self.timing.rejoin_for_s
 

@@ -10,7 +10,9 @@ and when a peer is suspect or removed; this module only does the I/O, keeps the 
 snapshot of every peer, and publishes what changed (`PeerJoined`, `PeerSuspect`,
 `PeerRecovered`, `PeerRemoved`, `PeerAddressChanged`, `PeerStateChanged`). When this
 node's state changes (models, load), `changed()` pushes it to every live peer at once
-rather than on the next beat.
+rather than on the next beat. Our snapshot introduces our live peers to each other
+(`introductions()`, `shoal.mesh.introductions`); a peer joining is such a change, so the
+others hear of it at once.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from shoal.events import (
 )
 from shoal.mesh.link import PeerLink
 from shoal.mesh.membership import Event, Membership, PeerState, PeerView, Source
-from shoal.mesh.state import NodeState, ProtocolError
+from shoal.mesh.state import MAX_INTRODUCTIONS, Introduction, NodeState, ProtocolError, api_address
 from shoal.settings import LimitSettings, MeshSettings
 from shoal.trust.handshake import HandshakeError
 
@@ -93,6 +95,7 @@ class Peers:
         self._exchanging = 0  # state exchanges in flight
         self._quiet = asyncio.Event()  # set while none is
         self._quiet.set()
+        self._introduced_from = 0  # where the next snapshot's introductions start
 
     # -- what the rest of the node sees ---------------------------------------------
 
@@ -105,6 +108,21 @@ class Peers:
         order = {PeerState.ALIVE: 0, PeerState.SUSPECT: 1}
         usable = [p for p in self.peers() if p.state is not None and p.view.state in order]
         return sorted(usable, key=lambda p: order[p.view.state])
+
+    def introductions(self) -> tuple[Introduction, ...]:
+        """Whom we know, for our snapshot: the alive peers, each at the API address we
+        reach it at (an IP literal: a name may resolve otherwise elsewhere). At most
+        MAX_INTRODUCTIONS at a time; a larger mesh is introduced in turns."""
+        known = [
+            Introduction(view.peer_id, address)
+            for view in self.membership.views()
+            if view.state is PeerState.ALIVE and (address := api_address(view.address))
+        ]
+        if len(known) <= MAX_INTRODUCTIONS:
+            return tuple(known)
+        start = self._introduced_from % len(known)
+        self._introduced_from = start + MAX_INTRODUCTIONS
+        return tuple((known + known)[start : start + MAX_INTRODUCTIONS])
 
     def link(self, peer_id: str) -> PeerLink:
         """The mTLS link to a paired peer, at the address it was last seen at."""
@@ -148,8 +166,11 @@ class Peers:
         """Close the peer's pooled connections: requests in flight on them fail at once
         (and are retried elsewhere if nothing reached the client yet), rather than wait
         out the read timeout on a peer that no longer answers."""
+        reason = f"lost the peer {self._name(peer_id)} (it stopped answering or left)"
         for key in [k for k in self._links if k[0] == peer_id]:
-            task = asyncio.ensure_future(self._links.pop(key).aclose())
+            link = self._links.pop(key)
+            link.abort(reason)
+            task = asyncio.ensure_future(link.aclose())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
@@ -173,6 +194,8 @@ class Peers:
             self._bus.publish(self._typed(event))
             if event.kind in ("suspect", "removed", "left"):
                 self._close_links(event.peer_id)
+            elif event.kind == "joined":
+                self.changed()  # introduce it to the others now, not on their next beat
 
     def _typed(self, event: Event) -> PeerEvent:
         peer_id, name = event.peer_id, self._name(event.peer_id)

@@ -1,18 +1,23 @@
 """A node's state snapshot, as peers exchange it on every heartbeat, and its codec.
 
 The snapshot says what a node can serve (models, with aliases and whether loaded), how
-busy it is (in flight, queued, capacity), what it runs on (hardware) and since when.
-`seq` grows with every change, so a receiver keeps only the newest it has seen.
-Decoding checks every field: a peer's bytes are input like any other.
+busy it is (in flight, queued, capacity), what it runs on (hardware) and since when,
+and whom it knows: its live peers and the API address it reaches each at, so that a
+mesh found piecemeal (one node's scan reaching the others) completes itself
+(`shoal.mesh.introductions`). `seq` grows with every change, so a receiver keeps only
+the newest it has seen. Decoding checks every field: a peer's bytes are input like any
+other.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -22,6 +27,9 @@ _MAX_TEXT = 256
 #: A node's name is chosen by whoever runs it and shown to other operators (`shoal pair
 #: list`, status, logs): short, one line, no terminal escapes.
 MAX_NAME_CHARS = 64
+#: Peers one snapshot introduces: a mesh larger than this is introduced in turns.
+MAX_INTRODUCTIONS = 64
+_INTRODUCTION_KEYS = frozenset({"node_id", "address"})
 
 
 class ProtocolError(ValueError):
@@ -61,6 +69,14 @@ class Hardware:
 
 
 @dataclass(frozen=True, slots=True)
+class Introduction:
+    """A live peer of the sender, and the API address (`http://IP:port`) it reaches it at."""
+
+    node_id: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
 class NodeState:
     node_id: str
     name: str
@@ -71,6 +87,7 @@ class NodeState:
     models: tuple[ModelAdvert, ...] = ()
     load: Load = field(default_factory=Load)
     hardware: Hardware = field(default_factory=Hardware)
+    peers: tuple[Introduction, ...] = ()
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -95,6 +112,7 @@ class NodeState:
                     "gpu": self.hardware.gpu,
                     "vram_bytes": self.hardware.vram_bytes,
                 },
+                "peers": [{"node_id": p.node_id, "address": p.address} for p in self.peers],
             }
         )
 
@@ -122,9 +140,7 @@ def decode(raw: bytes) -> NodeState:
         raise ProtocolError(
             f"protocol version {doc.get('v')!r}; this node speaks {PROTOCOL_VERSION}"
         )
-    node_id = _text(doc, "node_id")
-    if len(node_id) != 64 or any(c not in "0123456789abcdef" for c in node_id):
-        raise ProtocolError("node_id must be 64 lowercase hex digits")
+    node_id = _node_id(doc.get("node_id"))
     models = doc.get("models")
     if not isinstance(models, list) or len(models) > _MAX_MODELS:
         raise ProtocolError("models must be a list")
@@ -150,7 +166,54 @@ def decode(raw: bytes) -> NodeState:
             gpu=_optional_text(hardware, "gpu"),
             vram_bytes=_optional_int(hardware, "vram_bytes"),
         ),
+        peers=_introductions(doc.get("peers", [])),
     )
+
+
+def _node_id(value: object) -> str:
+    if (
+        not isinstance(value, str)
+        or len(value) != 64
+        or any(c not in "0123456789abcdef" for c in value)
+    ):
+        raise ProtocolError("node_id must be 64 lowercase hex digits")
+    return value
+
+
+def _introductions(value: object) -> tuple[Introduction, ...]:
+    """The "peers" list: at most MAX_INTRODUCTIONS entries of exactly a node ID and an
+    API address (absent from snapshots of nodes that introduce nobody)."""
+    if not isinstance(value, list) or len(value) > MAX_INTRODUCTIONS:
+        raise ProtocolError(f"peers must be a list of at most {MAX_INTRODUCTIONS}")
+    found = []
+    for entry in value:
+        if not isinstance(entry, dict) or entry.keys() != _INTRODUCTION_KEYS:
+            raise ProtocolError("a peer is an object of node_id and address, nothing else")
+        address = api_address(entry["address"])
+        if address is None:
+            raise ProtocolError("a peer's address must be http://IP:port")
+        found.append(Introduction(_node_id(entry["node_id"]), address))
+    return tuple(found)
+
+
+def api_address(value: object) -> str | None:
+    """`value` as a node's API address, normalised — `http://IP:port`, an IP literal, no
+    path, user or query — or None if it is not one. Names are not introduced: the
+    receiver may not resolve them as the sender does."""
+    if not isinstance(value, str) or len(value) > 80:
+        return None
+    try:
+        parts = urlsplit(value.rstrip("/"))
+        port = parts.port
+        ip = ipaddress.ip_address(parts.hostname or "")
+    except ValueError:
+        return None
+    if parts.scheme != "http" or parts.path or parts.query or parts.fragment:
+        return None
+    if parts.username is not None or parts.password is not None or not port:
+        return None
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"http://{host}:{port}"
 
 
 def checked_name(value: object) -> str:

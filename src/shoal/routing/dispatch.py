@@ -1,12 +1,18 @@
 """The executor: open an answer from the best target, falling back to the next.
 
-A target that fails before the first byte of its answer (cannot connect, reset,
-timeout, 5xx) is skipped for the next one, within one overall deadline, and is blamed
-(a local backend is marked down, a peer suspect). Once an answer is open it is the
-caller's to relay; `Dispatcher.open` closes it and releases every count on exit,
-whatever happens. The counts are the load ledger's; the story of each request is
-published as events: `RequestRouted` when a target accepts it, `RequestFirstByte` when
-the relay sends the first byte, `RequestFinished` with its outcome and timings.
+An answer is the client's from its first byte on: a stream's first chunk, or the whole
+of any other answer. Until then nothing has reached the client, so a target that fails
+(cannot connect, reset, a timeout or a stall, a peer lost and its links closed, or a
+5xx answer) is skipped for the next one; all but the 5xx are blamed (a local backend is
+marked down, a peer suspect). No attempt starts after the overall deadline
+(`routing.retry_deadline_s`, counted from the request's arrival); an attempt under way
+is bounded by the transport's timeouts instead (`limits.read_timeout_s` for the first
+byte, `limits.stall_timeout_s` between chunks) and by its peer's liveness. Once an
+answer is open it is the caller's to relay; `Dispatcher.open` closes it and releases
+every count on exit, whatever happens. The counts are the load ledger's; the story of
+each request is published as events: `RequestRouted` when a target's first byte is in,
+`RequestFirstByte` when the relay sends the first byte, `RequestFinished` with its
+outcome and timings.
 """
 
 from __future__ import annotations
@@ -45,11 +51,69 @@ from shoal.routing.router import Router, Target
 log = logging.getLogger(__name__)
 
 _CLIENT_GONE = 499  # nginx's code for "the client closed the connection"
+_SSE = "text/event-stream"
+
+
+class Answer:
+    """An answer whose first byte is in, held for the relay. Implements `Upstream`.
+
+    `streamed`: a 200 event stream, of which the first chunk has been read (the rest is
+    read as it is relayed, each chunk within the transport's stall timeout); any other
+    answer has been read whole.
+    """
+
+    __slots__ = ("_first", "_rest", "_upstream", "streamed")
+
+    def __init__(self, upstream: Upstream, first: bytes, rest: AsyncIterator[bytes] | None) -> None:
+        self._upstream = upstream
+        self._first = first
+        self._rest = rest
+        self.streamed = rest is not None
+
+    @property
+    def upstream(self) -> Upstream:
+        return self._upstream
+
+    @property
+    def status(self) -> int:
+        return self._upstream.status
+
+    @property
+    def content_type(self) -> str:
+        return self._upstream.content_type
+
+    @property
+    def served_by(self) -> str | None:
+        return self._upstream.served_by
+
+    @classmethod
+    async def first_byte_of(cls, upstream: Upstream) -> Answer:
+        """Wait for the answer's first byte. Raises UpstreamFailed / UpstreamTimeout."""
+        if upstream.status == 200 and upstream.content_type.startswith(_SSE):
+            chunks = upstream.chunks()
+            return cls(upstream, await anext(chunks, b""), chunks)
+        return cls(upstream, await upstream.read(), None)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self._first:
+            yield self._first
+        if self._rest is not None:
+            async for chunk in self._rest:
+                yield chunk
+
+    async def read(self) -> bytes:
+        if self._rest is None:
+            return self._first
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    def close(self) -> None:
+        self._upstream.close()
 
 
 @dataclass(slots=True)
 class Opened:
-    upstream: Upstream
+    upstream: Upstream  # as the target answered
+    answer: Answer  # the same, its first byte in: what the relay reads
     target: Target
     retried: bool
     request_id: int
@@ -155,21 +219,28 @@ class Dispatcher:
                 break
             slot = self._ledger.hold(target.route, target.candidate.key, target.model)
             try:
-                upstream = await target.send(op, _for_target(body, model, target.model))
-                if upstream.status < 500:
-                    opened = Opened(
-                        upstream, target, attempt > 0, request_id, started, slot, self._bus
-                    )
-                    self._routed(opened, op, model, attempt)
-                    return opened
-                failure = await _server_error(upstream)
+                outcome = await _first_byte(target, op, _for_target(body, model, target.model))
             except (BackendUnavailable, UpstreamError) as exc:
-                failure = exc
+                outcome = exc
                 target.failed(exc)
             except BaseException:
                 slot.release()  # cancelled while waiting for the answer
                 raise
+            if isinstance(outcome, Answer):
+                opened = Opened(
+                    outcome.upstream,
+                    outcome,
+                    target,
+                    attempt > 0,
+                    request_id,
+                    started,
+                    slot,
+                    self._bus,
+                )
+                self._routed(opened, op, model, attempt)
+                return opened
             slot.release()  # failed: the next target gets the request
+            failure = outcome
             log.warning("%s %s failed: %s", target.route, target.name, failure.message)
         assert failure is not None
         raise failure
@@ -199,14 +270,31 @@ def _for_target(body: bytes, requested: str, served_as: str) -> bytes:
     return orjson.dumps(document)
 
 
+async def _first_byte(target: Target, op: Operation, body: bytes) -> Answer | ShoalError:
+    """Send to `target` and wait for its answer's first byte.
+
+    A 5xx answer comes back as the error to report if no target succeeds: the target
+    answered, so it is not blamed. A transport failure raises. Whatever was opened is
+    closed unless it is returned as an `Answer`.
+    """
+    upstream = await target.send(op, body)
+    answer: Answer | None = None
+    try:
+        if upstream.status >= 500:
+            return await _server_error(upstream)
+        answer = await Answer.first_byte_of(upstream)
+        return answer
+    finally:
+        if answer is None:
+            upstream.close()
+
+
 async def _server_error(upstream: Upstream) -> ShoalError:
-    """A 5xx answer, read and closed, as the error to report if no target succeeds."""
+    """A 5xx answer, read, as the error to report if no target succeeds."""
     try:
         raw = await upstream.read()
     except UpstreamError as exc:
         return exc
-    finally:
-        upstream.close()
     message = f"the backend answered {upstream.status}"
     detail = error_message(raw)
     if detail:
