@@ -364,6 +364,70 @@ def misbehaved(
         yield "item 13: a model no node held is not 404", never
 
 
+# Heartbeats so rare they cannot notice anything within the test: only the links can.
+QUIET_CONFIG = CONFIG.replace("interval_s = 1.0", "interval_s = 120.0")
+SILENCE_S = 5.0  # shoal.backends.http.SilenceDetection: 2 s idle + 3 probes 1 s apart
+
+
+def test_a_silent_peer_fails_its_requests_within_seconds_whatever_the_heartbeats(
+    lan: Lan, tmp_path: Path
+) -> None:
+    """Item 11 between two heartbeats: an established peer is checked every 15-30 s, so
+    a request waiting on a peer whose cable was pulled must not wait for the next one.
+    The peer link's TCP keepalive fails the connection within seconds, and the request
+    is retried on the other holder. Heartbeats here are 120 s apart."""
+    h1, h2, h3, hc = (lan.add_host(n) for n in ("n1", "n2", "n3", "client"))
+    for host in (h1, h2):
+        start_backend(lan, host, BACKEND_PORT, ["duo"])
+    holder = ("--no-embedded", "--backend", f"http://127.0.0.1:{BACKEND_PORT}")
+    nodes = {
+        name: Node(name, host, tmp_path / name, args, secret=SECRET, config=QUIET_CONFIG)
+        for name, host, args in (
+            ("n1", h1, holder), ("n2", h2, holder), ("n3", h3, ("--no-embedded",))
+        )
+    }  # fmt: skip
+    quiet = Cluster(lan, hc, Agent(lan, hc), nodes)
+    try:
+        for node in nodes.values():
+            quiet.start(node)
+        wait_until(
+            lambda: quiet.sees_all_healthy("n3", ["n1", "n2"]) and "duo" in quiet.models_at("n3"),
+            60, "n3 to see both holders",
+        )  # fmt: skip
+        # Nothing reaches the client before the pull: what is caught on n1 can be retried.
+        asks = [Ask(f"duo non-stream #{i}", "duo", False, "delay=3") for i in range(6)]
+        asks += [Ask(f"duo stream #{i}", "duo", True, "delay=2 words=20 gap=0.1") for i in range(4)]
+        url = nodes["n3"].url + "/v1/chat/completions"
+        batch = [quiet.agent.request("POST", url, body_of(a), timeout=HUNG_S, stream=a.stream)
+                 for a in asks]  # fmt: skip
+        sent = time.monotonic()
+        quiet.agent.send({"batch": batch})
+        wait_until(lambda: time.monotonic() >= sent + PULL_AT, 2, "the pull's moment", 0.01)
+        lan.link(h1, up=False, at_switch=True)
+        pulled = time.monotonic()
+        answers = quiet.agent.receive(HUNG_S + 15)["results"]
+        fates = [fate_of(a, r, sent - pulled) for a, r in zip(asks, answers, strict=True)]
+        print("\nrequests through n3, heartbeats 120 s apart (times from the pull):")
+        for fate in fates:
+            print("  " + fate.line())
+        print(f"quiet heartbeats: {tally(fates)}")
+        quiet.figures["quiet heartbeats: requests around the pull"] = tally(fates)
+        retried = [f for f in fates if f.route == "retried"]
+        if retried:
+            last = max(f.ended for f in retried)
+            quiet.measured("quiet heartbeats: pull → last retried answer", last)
+        assert all(f.kind == "completed" for f in fates), [f.line() for f in fates]
+        # The requests caught on n1 end by SILENCE_S after its last byte, then are served
+        # again on n2 (their service time), with 3 s of slack; never a heartbeat's wait.
+        limit = SILENCE_S + 3.0
+        late = [f.line() for f in fates if f.ended > f.ask.service_s + limit]
+        assert not late, late
+    finally:
+        lan.link(h1, up=True, at_switch=True)
+        quiet.agent.close()
+        quiet.report(1500)
+
+
 def test_scan_only_discovery_ends_in_a_complete_mesh(lan: Lan, tmp_path: Path) -> None:
     """Item 14: mDNS off. s2 and s3 wait 60 s before scanning; s1 scans after 1 s and
     finds both, and being found, they skip their own scan. Only peers telling each other

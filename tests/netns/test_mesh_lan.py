@@ -94,7 +94,7 @@ def test_nodes_find_each_other_by_mdns_alone(cluster: Cluster) -> None:
     )
     cluster.measured("start → all three routable from n3 (incl. engine load)", routable - started)
     sources = {p["sources"][0] for p in cluster.peers_of("n3").values()}
-    assert sources <= {"mdns", "peer"}, sources  # nothing was configured
+    assert sources <= {"mdns", "peer", "introduced"}, sources  # nothing was configured
 
 
 def test_requests_are_served_by_the_holder(cluster: Cluster) -> None:
@@ -145,6 +145,15 @@ def test_a_spoofed_advert_gets_no_trust(cluster: Cluster) -> None:
         # Requests keep flowing to n2 through n3's neighbours as before.
         answer = cluster.chat("n3", LLAMA_SERVER_ALIAS)
         assert (answer["status"], answer["headers"]["X-Shoal-Served-By"]) == (200, "n2")
+        # The spoofer leaves: its mDNS goodbye withdraws an advert carrying n3's ID, as a
+        # forged goodbye for n3 would. A withdrawal is a hint: n3 answers, and stays.
+        cluster.lan.stop(spoofer)
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            for viewer in ("n1", "n2"):
+                health = cluster.peers_of(viewer)["n3"]["health"]
+                assert health == "healthy", f"{viewer} dropped n3 on a forged mDNS goodbye"
+            time.sleep(0.3)
     finally:
         cluster.lan.stop(spoofer)
 

@@ -307,6 +307,23 @@ def test_goodbye_removes_a_peer_at_once_and_keeps_it_in_the_table() -> None:
     assert m.due(100.0) == []
 
 
+def test_a_withdrawn_advert_removes_nothing_but_makes_the_peer_due_at_once() -> None:
+    # An mDNS goodbye is unauthenticated: a stranger can forge one for any node.
+    m = alive(Membership("me"), "a", 0.0)
+    assert view(m, "a").next_due == 5.0
+    assert m.withdrawn("a", 1.0) == []
+    assert view(m, "a").state is PeerState.ALIVE and m.routable() == ["a"]
+    assert m.due(1.0) == ["a"]
+    assert m.heartbeat_succeeded("a", 1.0) == []  # forged: the peer answers, nothing lost
+    assert view(m, "a").state is PeerState.ALIVE
+    # A real departure without its own goodbye: the check fails, and the misses remove it.
+    m.withdrawn("a", 2.0)
+    assert probe(m, "a", 2.0, ok=False) == [Event("suspect", "a")]
+    assert m.withdrawn("a", 2.1) == [] and m.due(2.1) == ["a"]  # checked again now
+    assert m.withdrawn("a", 2.2) == [] and m.due(2.2) == []  # not twice while in flight
+    assert m.withdrawn("nobody", 2.2) == []
+
+
 def test_a_heartbeat_sent_before_a_goodbye_cannot_bring_the_peer_back() -> None:
     m = alive(Membership("me"), "a", 0.0)
     assert m.due(5.0) == ["a"]  # heartbeat in flight...
@@ -526,6 +543,11 @@ class MembershipMachine(RuleBasedStateMachine):
     def goodbye(self, peer_id: str) -> None:
         before = self.m.view(peer_id)
         self.apply(peer_id, self.m.goodbye(peer_id, self.now), before)
+
+    @rule(peer_id=PEER_IDS)
+    def withdrawn(self, peer_id: str) -> None:
+        before = self.m.view(peer_id)
+        self.apply(peer_id, self.m.withdrawn(peer_id, self.now), before)
 
     @rule(peer_id=PEER_IDS)
     def forget(self, peer_id: str) -> None:

@@ -12,8 +12,10 @@ the middle of a stream, instead of each waiting out its own timeout.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -25,6 +27,39 @@ from shoal.settings import LimitSettings
 
 #: For callers that pass none: the setting's default (`limits.stall_timeout_s`).
 DEFAULT_STALL_TIMEOUT_S: float = LimitSettings.model_fields["stall_timeout_s"].default
+
+
+@dataclass(frozen=True, slots=True)
+class SilenceDetection:
+    """TCP keepalive and user timeout: the kernel fails a connection whose other end has
+    gone silent (a pulled cable, a partition: no RST ever comes) after about
+    `idle_s + interval_s * probes` with nothing in flight, or `unacked_s` with data
+    unacknowledged, instead of never (keepalive off) or after 15 minutes of
+    retransmissions. A live peer's kernel answers the probes however long its model
+    thinks, so only a dead link fails."""
+
+    idle_s: int = 2
+    interval_s: int = 1
+    probes: int = 3
+    unacked_s: int = 5
+
+    def socket(self, addr_info: tuple[Any, ...]) -> socket.socket:
+        """A socket for aiohttp's `socket_factory`, with these options set."""
+        family, kind, proto, _, _ = addr_info
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # Linux has all four; macOS has TCP_KEEPALIVE for the idle time, and no user timeout.
+        for name, value in (
+            ("TCP_KEEPIDLE", self.idle_s),
+            ("TCP_KEEPALIVE", self.idle_s),
+            ("TCP_KEEPINTVL", self.interval_s),
+            ("TCP_KEEPCNT", self.probes),
+            ("TCP_USER_TIMEOUT", self.unacked_s * 1000),
+        ):
+            option = getattr(socket, name, None)
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        return sock
 
 
 class Waits:
@@ -134,6 +169,7 @@ class HttpTransport:
         unix_socket: str | None = None,
         headers: dict[str, str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        silence: SilenceDetection | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(
@@ -147,6 +183,7 @@ class HttpTransport:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._unix_socket = unix_socket
         self._ssl = ssl_context
+        self._silence = silence
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -156,7 +193,10 @@ class HttpTransport:
                 connector = aiohttp.UnixConnector(path=self._unix_socket, limit=0)
             else:
                 connector = aiohttp.TCPConnector(
-                    limit=0, ttl_dns_cache=60, ssl=self._ssl if self._ssl is not None else True
+                    limit=0,
+                    ttl_dns_cache=60,
+                    ssl=self._ssl if self._ssl is not None else True,
+                    socket_factory=self._silence.socket if self._silence else None,
                 )
             self._session = aiohttp.ClientSession(
                 connector=connector,

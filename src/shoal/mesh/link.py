@@ -12,7 +12,7 @@ import ssl
 import orjson
 
 from shoal.backends.base import Operation
-from shoal.backends.http import HttpTransport, HttpUpstream
+from shoal.backends.http import HttpTransport, HttpUpstream, SilenceDetection
 from shoal.mesh.state import NodeState, decode
 from shoal.protocol import GOODBYE_PATH, HOP_HEADER, STATE_PATH
 from shoal.settings import LimitSettings
@@ -28,6 +28,9 @@ class PeerLink:
             stall_timeout_s=limits.stall_timeout_s,
             headers={HOP_HEADER: "1"},
             ssl_context=context,
+            # A request waiting on a peer whose cable was pulled fails within seconds,
+            # whenever the next heartbeat comes (established peers: every 15-30 s).
+            silence=SilenceDetection(),
         )
 
     async def exchange(self, ours: NodeState, timeout_s: float) -> NodeState:

@@ -13,7 +13,7 @@ sleeps until `next_due()`, like aioquic's `get_timer()`.
                          │ 3 misses        missed │          │ answered
                          ▼                        ▼          │
                       REMOVED ◄─── 3 misses ─── SUSPECT ─────┘
-                         │  ◄───── goodbye, from any state
+                         │  ◄───── goodbye (its own, over mTLS), from any state
                          ├── sighted again ──────────► JOINING
                          └── rejoin probe answered ──► ALIVE
 
@@ -30,9 +30,13 @@ is not re-probed either: the introductions' own bounded backoff decides whether 
 tried again, so a bad introduction cannot cost six hours of probes.
 
 Discovery is a hint: anyone on the LAN can advertise a live peer's ID at another
-address. While a peer answers where it is, an mDNS or scan sighting elsewhere is
-ignored (the claimant could not pass the pinned TLS anyway, but switching would cut us
-off); an address the operator gave (static, join) or the peer itself used is followed.
+address, or withdraw its advert (an mDNS goodbye, unauthenticated like every mDNS
+packet). A withdrawal therefore removes nothing: it makes the peer due for a heartbeat
+at once (`withdrawn`), which a live peer answers and a gone one fails; only the peer's
+own goodbye, over mutual TLS, removes it at once. While a peer answers where it is, an
+mDNS or scan sighting elsewhere is ignored (the claimant could not pass the pinned TLS
+anyway, but switching would cut us off); an address the operator gave (static, join)
+or the peer itself used is followed.
 
 Events report membership as a consumer sees it: `joined` opens a peer's story, and
 `removed` or `left` closes it. A peer that never answered cannot leave, so a JOINING
@@ -291,6 +295,15 @@ class Membership:
         if peer is None or peer.state is PeerState.REMOVED:
             return []
         return self._remove(peer, now, "left")
+
+    def withdrawn(self, peer_id: str, now: float) -> list[Event]:
+        """Discovery saw the peer's advert withdrawn (anyone can forge that): check it now."""
+        peer = self._peers.get(peer_id)
+        if peer is None or peer.state not in (PeerState.ALIVE, PeerState.SUSPECT):
+            return []
+        if peer.claimed_in is None:  # (a heartbeat in flight will tell anyway)
+            peer.next_due = now if peer.next_due is None else min(peer.next_due, now)
+        return []
 
     def forget(self, peer_id: str) -> None:
         self._peers.pop(peer_id, None)

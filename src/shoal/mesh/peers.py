@@ -151,7 +151,13 @@ class Peers:
         self._apply(self.membership.heartbeat_succeeded(state.node_id, now))
 
     def goodbye(self, peer_id: str) -> None:
+        """The peer itself said it leaves (over mutual TLS): removed at once."""
         self._apply(self.membership.goodbye(peer_id, time.monotonic()))
+
+    def withdrawn(self, peer_id: str) -> None:
+        """Discovery saw its advert withdrawn, which anyone can forge: heartbeat it now."""
+        self._apply(self.membership.withdrawn(peer_id, time.monotonic()))
+        self._wake.set()
 
     def forget(self, peer_id: str) -> None:
         """It lost our trust: out of the table, its links closed."""

@@ -54,7 +54,7 @@ class Roster(Protocol):
     """What admission tells the peer table (implemented by `shoal.mesh.peers.Peers`)."""
 
     def sighted(self, peer_id: str, address: str, source: Source) -> None: ...
-    def goodbye(self, peer_id: str) -> None: ...
+    def withdrawn(self, peer_id: str) -> None: ...
     def forget(self, peer_id: str) -> None: ...
 
 
@@ -137,11 +137,11 @@ class Admission:
         self._meeting.add(node_id)
 
     def gone(self, node_id: str) -> None:
-        """Discovery saw a node's advert withdrawn (an mDNS goodbye)."""
-        # As unauthenticated as any advert, and taken as a clean leave (unchanged; a
-        # spoofed withdrawal is a hostile-LAN case for later work).
+        """Discovery saw a node's advert withdrawn (an mDNS goodbye). As unauthenticated
+        as any advert: the roster checks the node, it does not drop it (a node leaving
+        says so itself, over mutual TLS)."""
         if self.trust.store.state(node_id) is TrustState.PAIRED:
-            self._roster.goodbye(node_id)
+            self._roster.withdrawn(node_id)
 
     # -- the handshake, as responder -----------------------------------------------------
 
