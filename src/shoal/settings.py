@@ -118,6 +118,37 @@ class EngineSettings(_Section):
         return self
 
 
+class ModelSettings(_Section):
+    """The model store and the engines that load its GGUFs on demand (DESIGN §2, §6)."""
+
+    # Where downloads go, in the Hugging Face cache layout (models--org--repo/...). None:
+    # HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub, as huggingface_hub
+    # itself decides, so llama.cpp's -hf and vLLM find the same files.
+    store: Path | None = None
+    # More folders whose GGUFs are adopted read-only (never copied, never written).
+    folders: tuple[Path, ...] = ()
+    # Adopt, read-only, what the machine already has: Ollama's store (OLLAMA_MODELS or
+    # ~/.ollama/models) and LM Studio's models folder.
+    adopt_ollama: bool = True
+    adopt_lmstudio: bool = True
+    # Models loaded at once; the least recently used is unloaded first. Ollama loads up
+    # to 3 on a CPU; 2 suits a laptop's memory beside the packaged engine.
+    max_loaded: int = Field(default=2, ge=1, le=64)
+    # Seconds a loaded model stays idle before it is unloaded (Ollama's keep_alive,
+    # 5 minutes); per model by name in keep_alive_per_model. 0: unload at once.
+    keep_alive_s: float = Field(default=300.0, ge=0)
+    keep_alive_per_model: dict[str, float] = Field(default_factory=dict)
+    # The llama-server binary for managed engines. None: `llama-server` on PATH; else
+    # the embedded llama-cpp-python worker serves the model.
+    llama_server: Path | None = None
+    # Tokens of context per slot, and slots (parallel requests) per loaded model.
+    context: int = Field(default=4096, ge=256, le=1_048_576)
+    parallel: int = Field(default=2, ge=1, le=64)
+    # Bytes of memory models may use. None: what the system reports available when a
+    # model loads. A model whose file and KV cache do not fit is refused, not OOM-killed.
+    memory_limit_bytes: int | None = Field(default=None, ge=0)
+
+
 class LimitSettings(_Section):
     # A chat request with a long conversation is tens of kB; 8 MiB leaves room for
     # embedding batches and refuses abuse.
@@ -239,6 +270,7 @@ class Settings(BaseSettings):
     mesh: MeshSettings = MeshSettings()
     detect: DetectSettings = DetectSettings()
     engine: EngineSettings = EngineSettings()
+    models: ModelSettings = ModelSettings()
     limits: LimitSettings = LimitSettings()
 
     # Set by `load`, not by the user: where the file values came from.
