@@ -19,12 +19,12 @@ from shoal.cli.common import (
     JsonOpt,
     UrlOpt,
     fail,
-    human_size,
     load_settings,
     node_get,
     out,
 )
 from shoal.cli.keys import keys_app
+from shoal.cli.models import models_app
 from shoal.errors import ConfigError
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Read and change the configuration file.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
 
 
 @app.command()
@@ -122,36 +123,6 @@ def status(url: UrlOpt = None, as_json: JsonOpt = False, config: ConfigOpt = Non
             f"[{colour}]{health}[/{colour}]",
             ", ".join(m["id"] for m in b["models"]),
             str(b["in_flight"]),
-        )
-    out.print(table)
-
-
-@app.command()
-def models(
-    url: UrlOpt = None,
-    as_json: JsonOpt = False,
-    config: ConfigOpt = None,
-    lan: Annotated[
-        bool, typer.Option("--lan", help="Every model in the cluster and the nodes holding it.")
-    ] = False,
-) -> None:
-    """List the models this node (or, with --lan, the cluster) can serve now."""
-    headers = {} if lan else {"X-Shoal-Local-Only": "1"}
-    document = node_get(url, config, protocol.MODELS_PATH, headers)
-    if as_json:
-        out.print_json(json.dumps(document))
-        return
-    table = Table("model", "loaded", "size", "quant", "context", "serves", "nodes", "backends")
-    for m in document["data"]:
-        table.add_row(
-            m["id"],
-            "yes" if m.get("loaded") else "no",
-            human_size(m.get("size_bytes")),
-            m.get("quantization") or "",
-            str(m.get("context_length") or ""),
-            ", ".join(m.get("operations") or ()),
-            ", ".join(m.get("nodes") or ()),
-            ", ".join(m.get("backends") or ()),
         )
     out.print(table)
 
