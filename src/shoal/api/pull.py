@@ -1,0 +1,223 @@
+"""`POST /shoal/v1/models/pull`: `shoal models pull` through the operator API, for the
+dashboard (this machine's operator only: it makes the node download and write).
+
+    request   {"model": REF, "revision": "main", "stream": true}
+    answer    NDJSON, one object a line, as Ollama's /api/pull streams:
+              {"status": "downloading", "file", "completed", "total", "rate_bps", "eta_s", ...}
+              {"status": "verifying", "file", ...}
+              {"status": "success", "model", "path", "files", ...}    last, or
+              {"status": "error", "error": {"message", "type", "code"}}  last
+    "stream": false waits and answers the success object alone.
+
+Errors found before the first byte moves (a bad REF, no such repo or file, offline,
+not enough disk space) are the usual error answers with their HTTP status. A caller
+that goes away cancels its pull; what was downloaded stays for the next one to resume.
+
+`Pulls` runs each pull in a thread of its own (a download is blocking I/O for minutes),
+publishes its progress on the event bus for the dashboard, and refreshes the catalog
+once the file is in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+
+from shoal.api.bodies import read_body
+from shoal.api.errors import error_body
+from shoal.api.services import LIMITS
+from shoal.errors import BackendUnavailable, InvalidRequest, ShoalError
+from shoal.events import EventBus, ModelPulled, ModelPullFailed, ModelPullProgress
+from shoal.models.pull_refs import HubRef, check_revision, parse_ref
+
+if TYPE_CHECKING:
+    from shoal.models.pull import Hub, Pulled, PullProgress
+
+log = logging.getLogger(__name__)
+
+PULL_PATH = "/shoal/v1/models/pull"
+# Seconds between two progress events of one pull: a dashboard redraws at this pace,
+# and huggingface_hub reports every 10 MiB (a hundred times a second on a fast LAN).
+PROGRESS_INTERVAL_S = 0.25
+
+
+class Pulls:
+    def __init__(
+        self,
+        store: Path,
+        bus: EventBus,
+        refresh: Callable[[], Awaitable[None]] | None = None,
+        *,
+        hub: Callable[[], Hub] | None = None,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.refresh = refresh  # the node's: rescan the stores, list what was pulled
+        self._hub = hub
+        self._interval = progress_interval_s
+        self._ids = itertools.count(1)
+
+    async def run(self, ref: HubRef, revision: str) -> AsyncGenerator[PullProgress | Pulled, None]:
+        """The pull's progress as it goes, then what was pulled; a failure raises. Leaving
+        the iteration early (the caller went away) cancels the pull."""
+        from shoal.models.pull import Hub, PullProgress, pull
+
+        pull_id = next(self._ids)
+        model = str(ref)
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[PullProgress | Pulled | BaseException] = asyncio.Queue()
+        cancel = threading.Event()
+        hub = self._hub() if self._hub is not None else Hub.from_environ()
+        last = 0.0
+
+        def post(item: PullProgress | Pulled | BaseException) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the node has stopped
+                loop.call_soon_threadsafe(updates.put_nowait, item)
+
+        def progress(update: PullProgress) -> None:  # on the pull's thread
+            nonlocal last
+            now = time.monotonic()
+            between = update.resumed < update.done < update.total  # not a first or last
+            if update.stage == "downloading" and between and now - last < self._interval:
+                return
+            last = now
+            post(update)
+
+        def work() -> None:
+            try:
+                post(
+                    pull(
+                        ref, store=self.store, revision=revision, hub=hub,
+                        on_progress=progress, cancel=cancel,
+                    )
+                )  # fmt: skip
+            except BaseException as exc:  # handed to the loop, raised there
+                post(exc)
+
+        threading.Thread(target=work, name=f"shoal-pull-{pull_id}", daemon=True).start()
+        outcome: tuple[str | None, str] | None = ("cancelled", "the pull was cancelled")
+        try:
+            while True:
+                item = await updates.get()
+                if isinstance(item, BaseException):
+                    code = item.code if isinstance(item, ShoalError) else None
+                    outcome = (code, getattr(item, "message", None) or str(item))
+                    raise item
+                if isinstance(item, PullProgress):
+                    self.bus.publish(
+                        ModelPullProgress(
+                            pull_id, model, item.filename, item.done, item.total, item.rate_bps
+                        )
+                    )
+                    yield item
+                    continue
+                outcome = None
+                await self._pulled(pull_id, item)
+                yield item
+                return
+        finally:
+            cancel.set()  # a no-op once the pull is over; else it stops at its next chunk
+            if outcome is not None:
+                self.bus.publish(ModelPullFailed(pull_id, model, *outcome))
+
+    async def _pulled(self, pull_id: int, pulled: Pulled) -> None:
+        if self.refresh is not None:
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("the catalog could not be refreshed after pulling %s", pulled.ref)
+        self.bus.publish(
+            ModelPulled(
+                pull_id,
+                pulled.ref,
+                tuple(f"{pulled.repo_id}/{f.filename}" for f in pulled.files),
+                str(pulled.files[0].path),
+                pulled.size_bytes,
+                pulled.downloaded_bytes,
+                pulled.seconds,
+            )
+        )
+
+
+PULLS: web.AppKey[Pulls] = web.AppKey("pulls", Pulls)
+
+
+async def pull_model(request: web.Request) -> web.StreamResponse:
+    limits = request.app[LIMITS]
+    raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the body is not JSON", code="invalid_json") from None
+    if not isinstance(body, dict) or "model" not in body:
+        raise InvalidRequest(
+            'a pull is {"model": "org/repo:q4_k_m", "revision": "main"}',
+            param="model",
+            code="missing_required_parameter",
+        )
+    ref = parse_ref(body["model"])
+    revision = check_revision(body.get("revision"))
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream must be true or false", param="stream", code="invalid_type")
+    pulls = request.app.get(PULLS)
+    if pulls is None:
+        raise BackendUnavailable("this node has no model store to pull into", retry_after=60)
+
+    updates = pulls.run(ref, revision)
+    try:
+        # The first update before any byte of the answer: what fails while resolving
+        # the REF or checking the disk is an ordinary error answer with its status.
+        update = await anext(updates)
+        if not stream:
+            async for later in updates:
+                update = later  # the last one is the result
+            return web.Response(body=_line(update), content_type="application/json")
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        try:
+            await response.write(_line(update))
+            async for update in updates:
+                await response.write(_line(update))
+        except ShoalError as exc:
+            error = orjson.loads(error_body(exc))
+            await response.write(orjson.dumps({"status": "error", **error}) + b"\n")
+        except ConnectionResetError:
+            return response  # the caller went away: closing `updates` cancels the pull
+        await response.write_eof()
+        return response
+    finally:
+        await updates.aclose()
+
+
+def _line(update: PullProgress | Pulled) -> bytes:
+    from shoal.models.pull import PullProgress
+
+    if isinstance(update, PullProgress):
+        document: dict[str, object] = {
+            "status": update.stage,
+            "file": update.filename,
+            "completed": update.done,
+            "total": update.total,
+            "resumed": update.resumed,
+            "rate_bps": round(update.rate_bps),
+            "eta_s": None if update.eta_s is None else round(update.eta_s, 1),
+            "part": update.file_index,
+            "parts": update.file_count,
+        }
+    else:
+        document = {"status": "success", **update.to_json()}
+    return orjson.dumps(document) + b"\n"

@@ -1,0 +1,138 @@
+"""`shoal models pull REF`: a GGUF from the Hugging Face Hub into this machine's store.
+
+The CLI pulls by itself (no node needs to run); a node's catalog finds the file in the
+store. Exit codes: 0 pulled (or already there), 1 failure, 2 a bad REF or revision, or
+nothing on the Hub matches it, 4 the Hub failed or cannot be reached (offline mode
+included: trying again may help), 5 not enough disk space, 130 interrupted (pull again
+to resume).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from shoal.cli.common import ConfigOpt, JsonOpt, err, fail, human_size, load_settings, out
+from shoal.cli.models import models_app
+from shoal.errors import ClientError, ShoalError, UpstreamError
+
+if TYPE_CHECKING:
+    from shoal.models.pull import PullProgress
+
+EXIT_BAD_REF = 2
+EXIT_HUB = 4
+EXIT_NO_SPACE = 5
+EXIT_INTERRUPTED = 130
+
+
+@models_app.command(
+    "pull",
+    epilog="Exit codes: 0 pulled or already there; 1 failure; 2 bad REF or revision, or "
+    "nothing matches; 4 the Hub failed or is unreachable (offline mode included); "
+    "5 not enough disk space; 130 interrupted (run it again to resume).",
+)
+def pull(
+    ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="REF", help="org/repo:QUANT (e.g. :q4_k_m), org/repo/file.gguf, or org/repo."
+        ),
+    ],
+    revision: Annotated[
+        str | None, typer.Option(help="Branch, tag or commit (default main).")
+    ] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download a GGUF from the Hugging Face Hub into the model store (resumable)."""
+    # Imported here: huggingface_hub costs a third of a second that other commands skip.
+    from shoal.models import pull as pulling
+    from shoal.models.pull_refs import check_revision, parse_ref
+    from shoal.models.stores import store_dir
+
+    try:
+        parsed, checked = parse_ref(ref), check_revision(revision)
+    except ClientError as exc:
+        raise fail(exc.message, EXIT_BAD_REF) from None
+    store = store_dir(load_settings(config).models)
+    try:
+        with _Bars() as bars:
+            pulled = pulling.pull(parsed, store=store, revision=checked, on_progress=bars.show)
+    except KeyboardInterrupt:
+        raise fail("interrupted; the same command resumes the download", EXIT_INTERRUPTED) from None
+    except ShoalError as exc:
+        raise fail(exc.message, _exit_code(exc)) from None
+    except OSError as exc:
+        raise fail(f"cannot write the store at {store}: {exc}", 1) from None
+    if as_json:
+        out.print_json(json.dumps(pulled.to_json()))
+        return
+    fetched, size = pulled.downloaded_bytes, pulled.size_bytes
+    if not fetched:
+        how = "already in the store"
+    else:
+        resumed = " (the rest was there from an interrupted pull)" if fetched < size else ""
+        how = f"downloaded {human_size(fetched)}{resumed} in {pulled.seconds:.1f} s"
+        how += ", SHA-256 checked"
+    for f in pulled.files:
+        out.print(f"{pulled.repo_id}/{f.filename}  {f.path}", highlight=False, soft_wrap=True)
+    out.print(f"{human_size(size)}, {how}", highlight=False)
+
+
+def _exit_code(error: ShoalError) -> int:
+    from shoal.models.pull import HubOffline, NotEnoughSpace
+
+    if isinstance(error, ClientError):
+        return EXIT_BAD_REF
+    if isinstance(error, NotEnoughSpace):
+        return EXIT_NO_SPACE
+    if isinstance(error, UpstreamError | HubOffline):
+        return EXIT_HUB
+    return 1
+
+
+class _Bars:
+    """One Rich bar per file on stderr (bytes, rate, time left); stdout stays for results."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> _Bars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tasks:
+            self.progress.stop()
+
+    def show(self, update: PullProgress) -> None:
+        task = self.tasks.get(update.filename)
+        if task is None:
+            if not self.tasks:  # started with its first bar: no empty frames before
+                self.progress.start()
+            label = update.filename.rsplit("/", 1)[-1]
+            if update.file_count > 1:
+                label += f" ({update.file_index}/{update.file_count})"
+            # Resumed bytes count as done but not as received: the rate is this pull's.
+            task = self.progress.add_task(label, total=update.total, completed=update.resumed)
+            self.tasks[update.filename] = task
+        self.progress.update(task, completed=update.done)
