@@ -6,13 +6,16 @@
     │   ├── Unauthorized           401
     │   ├── Forbidden              403
     │   ├── ModelNotFound          404
+    │   ├── ModelTooLarge          400  the model cannot fit in this node's memory
     │   ├── NotFound               404  unknown path
     │   ├── MethodNotAllowed       405
     │   ├── RequestTimeout         408  the body did not arrive in time
     │   ├── PayloadTooLarge        413
     │   └── UnsupportedEncoding    415  a Content-Encoding the node does not inflate
     ├── BusyError              429/503 with Retry-After: try again later
-    │   └── BackendUnavailable     503  the backend is down or restarting
+    │   ├── BackendUnavailable     503  the backend is down or restarting
+    │   └── ModelNotReady          503  a managed model is loading, restarting, or waiting
+    │                                   for memory held by busy models
     ├── UpstreamError          a backend or peer failed us
     │   ├── UpstreamFailed         502  refused, reset, crashed, garbage answer
     │   └── UpstreamTimeout        504
@@ -73,6 +76,14 @@ class ModelNotFound(ClientError):
     code = "model_not_found"
 
 
+class ModelTooLarge(ClientError):
+    """A managed model that cannot fit in memory even with every other model unloaded:
+    refused before it loads, never left to the OOM killer. Not retried by the SDKs (a
+    4xx): only a smaller model, a shorter context or more memory changes the answer."""
+
+    code = "model_too_large"
+
+
 class NotFound(ClientError):
     status = 404
     code = "not_found"
@@ -122,6 +133,21 @@ class BackendUnavailable(BusyError):
     status = 503
     type = "server_error"
     code = "backend_unavailable"
+
+
+class ModelNotReady(BusyError):
+    """503 with Retry-After: the model is loading (or waits for memory that busy models
+    hold). Not a BackendUnavailable: the backend is fine, and routing must not mark it
+    down (which would hide every other model it serves)."""
+
+    status = 503
+    type = "server_error"
+    code = "model_loading"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        if code is not None:
+            self.code = code
 
 
 class UpstreamError(ShoalError):

@@ -14,6 +14,8 @@ subscribe beside them without touching the publishers.
     backends.registry             BackendUp BackendDown BackendModelsChanged
                                   ModelLoaded ModelUnloaded
     engine.supervisor             BackendReported EngineStarted EngineExited
+    engine.managed                BackendReported EngineStarted EngineExited
+                                  ModelLoading ModelUnloading ModelRefused
     routing.dispatch              RequestRouted RequestFirstByte RequestFinished
     routing.ledger.LoadLedger     LoadChanged
 
@@ -162,6 +164,7 @@ class ModelUnloaded(Event):
 class EngineStarted(Event):
     backend: str
     pid: int
+    model: str | None = None  # the managed model the child serves; None: the embedded engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,42 @@ class EngineExited(Event):
     backend: str
     reason: str
     restarts: int  # restarts so far, this one not counted
+    model: str | None = None
+
+
+# -- managed models (engine.managed) -----------------------------------------------------
+# Whether a model is loaded is the registry's ModelLoaded / ModelUnloaded, derived from
+# the managed backend's reports; these say why it changes.
+
+UnloadReason = Literal["idle", "evicted", "operator", "removed", "failed"]
+#: idle: its keep_alive passed. evicted: room for another model (least recently used).
+#: operator: `shoal models unload`. removed: its file left the catalog. failed: its
+#: engine never became ready, start after start.
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoading(Event):
+    backend: str
+    model: str
+    engine: str  # "llama-server" or "worker"
+    memory_bytes: int  # the estimate it was admitted with (file + KV cache + overhead)
+    evicting: tuple[str, ...]  # unloaded first to make room
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUnloading(Event):
+    backend: str
+    model: str
+    reason: UnloadReason
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRefused(Event):
+    """A load was refused: the model cannot fit in memory."""
+
+    backend: str
+    model: str
+    reason: str
 
 
 # -- requests (routing.dispatch) ---------------------------------------------------------
@@ -297,3 +336,38 @@ class Subscription(Generic[E]):
 
     def close(self) -> None:
         self._unsubscribe()
+
+
+# -- model pulls (api.pull.Pulls) --------------------------------------------------------
+# `pull_id` tells one pull's events from another's; `model` is the REF as asked.
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPullProgress(Event):
+    """A file of a pull moved on (at most every 0.25 s; its first and last always)."""
+
+    pull_id: int
+    model: str
+    file: str  # the path in the repo
+    completed: int  # bytes on disk, resumed ones included
+    total: int
+    rate_bps: float  # bytes per second received by this pull
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPulled(Event):
+    pull_id: int
+    model: str
+    files: tuple[str, ...]  # "org/repo/file.gguf", the parts of a split GGUF in order
+    path: str  # the first file's, in the store
+    size_bytes: int
+    downloaded_bytes: int  # 0: it was already in the store
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPullFailed(Event):
+    pull_id: int
+    model: str
+    code: str | None  # "checksum_mismatch", "insufficient_storage", "cancelled", ...
+    message: str

@@ -17,6 +17,9 @@ subscribed here:
                                               (`shoal.mesh.introductions`)
     peers, trust, backends (all of them)      one log line each
     RequestFinished (debug logging only)      one debug line per request
+
+The model catalog is scanned at start and every `models.rescan_interval_s`; the managed
+engines join the backends once it holds a model, so a node without GGUFs lists none.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from shoal.api import services
+from shoal.api import pull, services
 from shoal.api.access import HEADER_LIMITS, MachineHosts, is_loopback_address, peer_port_caller
 from shoal.api.app import build_app
 from shoal.api.connections import ConnectionBook, connection_caps
@@ -36,6 +39,7 @@ from shoal.api.listener import GuardedSite, Listeners
 from shoal.api.views import Views
 from shoal.backends.detect import Detector, make_backend
 from shoal.backends.registry import BackendRegistry
+from shoal.engine.managed import ManagedBackend
 from shoal.engine.supervisor import EngineBackend
 from shoal.events import (
     BackendDown,
@@ -61,6 +65,8 @@ from shoal.mesh.introductions import Introducer
 from shoal.mesh.mdns import MdnsDiscovery, advertised_addresses
 from shoal.mesh.peers import Peers
 from shoal.mesh.state import local_hardware
+from shoal.models.catalog import Catalog, ModelCatalog
+from shoal.models.stores import store_dir
 from shoal.process import install_accept_error_handler, open_file_limit, raise_fd_limit
 from shoal.routing.dispatch import Dispatcher
 from shoal.routing.ledger import LoadLedger
@@ -77,7 +83,9 @@ log = logging.getLogger(__name__)
 
 
 class Node:
-    def __init__(self, settings: Settings, bus: EventBus | None = None) -> None:
+    def __init__(
+        self, settings: Settings, bus: EventBus | None = None, *, catalog: Catalog | None = None
+    ) -> None:
         self.settings = settings
         self.name = settings.name
         self.bus = bus or EventBus()
@@ -97,6 +105,11 @@ class Node:
             self.registry.add(self.engine)
         for config in settings.backends:
             self.registry.add(make_backend(config, settings.limits))
+        # Every GGUF on this disk, loaded on demand (registered once there is one).
+        self.catalog = catalog if catalog is not None else ModelCatalog(settings.models)
+        self.managed = ManagedBackend(
+            self.catalog, settings.models, settings.engine, settings.limits, self.bus
+        )
         self.detector = Detector(
             self.registry, settings.detect, settings.limits, own_port=settings.port
         )
@@ -184,6 +197,8 @@ class Node:
         app[services.PEERS] = self.peers
         app[services.OWN_STATE] = self.own_state
         app[services.SCANNER] = self.scanner
+        app[services.MANAGED] = self.managed
+        app[pull.PULLS] = pull.Pulls(store_dir(settings.models), self.bus, self.refresh_models)
         app[services.LIMITS] = settings.limits
         return app
 
@@ -270,6 +285,8 @@ class Node:
                 "backend registry": self.registry.run,
                 "peers": self.peers.run,
                 "admission": self.admission.run,
+                "managed engines": self.managed.run,
+                "model catalog": self._scan_models,
             }
             if self.engine is not None:
                 background["embedded engine"] = self.engine.run
@@ -291,6 +308,7 @@ class Node:
             await runner.cleanup()
             await asyncio.gather(*self._restarts, return_exceptions=True)
             await self.registry.aclose()
+            await self.managed.aclose()  # if never registered (closing twice is nothing)
             await self.peers.aclose()
             log.info("shoal node %r stopped", self.name)
 
@@ -308,6 +326,18 @@ class Node:
         await self._peer_site.start()
         if self.trust.peer_port == 0:  # learn the port the system chose
             self.trust.peer_port = self._runner.addresses[-1][1]
+
+    async def _scan_models(self) -> None:
+        """The stores, scanned now and every models.rescan_interval_s."""
+        while True:
+            await self.refresh_models()
+            await asyncio.sleep(self.settings.models.rescan_interval_s)
+
+    async def refresh_models(self) -> None:
+        """Scan the stores now (after a pull, too): what is on disk is listed at once."""
+        await self.managed.refresh()
+        if self.catalog.models() and self.registry.get(self.managed.name) is None:
+            self.registry.add(self.managed)
 
     async def _lan(self) -> None:
         """LAN mode: mDNS, and one subnet scan if mDNS finds nobody soon enough."""

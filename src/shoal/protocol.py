@@ -23,6 +23,9 @@ PEERS_PATH = "/shoal/v1/peers"  # GET: the cluster view; POST: join by address
 SCAN_PATH = "/shoal/v1/peers/scan"
 PAIRS_PATH = "/shoal/v1/pairs"
 PAIR_ACTION_PATH = "/shoal/v1/pairs/{node}/{action}"
+LOCAL_MODELS_PATH = "/shoal/v1/models/local"  # the GGUFs on this node's disk, with state
+LOAD_PATH = "/shoal/v1/models/load"  # {"model": NAME}: load now, answer once loaded
+UNLOAD_PATH = "/shoal/v1/models/unload"  # {"model": NAME}
 
 # -- node to node ------------------------------------------------------------------------
 HELLO_PATH = "/shoal/v1/trust/hello"  # admission handshake, API port

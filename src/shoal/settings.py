@@ -30,6 +30,7 @@ from pydantic_settings import (
 from shoal.errors import ConfigError
 from shoal.mesh.membership import Timing
 from shoal.mesh.state import MAX_NAME_CHARS, ProtocolError, checked_name
+from shoal.models.names import check_name
 from shoal.routing.rank import Strategy
 
 # The liveness timers' defaults and their reasons live with the state machine that uses
@@ -147,6 +148,24 @@ class ModelSettings(_Section):
     # Bytes of memory models may use. None: what the system reports available when a
     # model loads. A model whose file and KV cache do not fit is refused, not OOM-killed.
     memory_limit_bytes: int | None = Field(default=None, ge=0)
+    # Threads per loaded model: as engine.threads, 2 decode fastest on 2 cores.
+    threads: int = Field(default=2, ge=1, le=256)
+    # Seconds a managed model may take to load before its start counts as failed: a
+    # 7 GB file read cold from a spinning disk takes a minute or more.
+    load_timeout_s: float = Field(default=300.0, gt=0)
+    # Seconds between scans of the stores for GGUFs dropped in or removed by hand (a
+    # pull refreshes the catalog at once); as the backend detection's interval.
+    rescan_interval_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("keep_alive_per_model")
+    @classmethod
+    def _model_names(cls, per_model: dict[str, float]) -> dict[str, float]:
+        # A name from the config file is checked like one from a client or a peer.
+        for name, seconds in per_model.items():
+            check_name(name, param="models.keep_alive_per_model")
+            if seconds < 0:
+                raise ValueError(f"keep_alive for {name} must be 0 or more seconds")
+        return per_model
 
 
 class LimitSettings(_Section):

@@ -441,6 +441,10 @@ def test_every_route_declares_an_audience_and_the_node_protocol_is_not_client() 
         ("POST", "/shoal/v1/peers/scan", 403),
         ("GET", "/shoal/v1/pairs", 403),
         ("POST", "/shoal/v1/pairs/abcdef123456/accept", 403),
+        ("GET", "/shoal/v1/models/local", 403),  # paths on this machine's disk
+        ("POST", "/shoal/v1/models/load", 403),
+        ("POST", "/shoal/v1/models/unload", 403),
+        ("POST", "/shoal/v1/models/pull", 403),  # writes to this machine's disk
         # Everything else needs a key, operator views included.
         ("GET", "/shoal/v1/status", 401),
         ("GET", "/shoal/v1/peers", 401),
@@ -467,6 +471,8 @@ def test_the_test_table_covers_every_route() -> None:
         "/shoal/v1/mesh/goodbye", "/shoal/v1/peers", "/shoal/v1/peers/scan", "/shoal/v1/pairs",
         "/shoal/v1/pairs/{node}/{action}", "/shoal/v1/status", "/v1/models",
         "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+        "/shoal/v1/models/local", "/shoal/v1/models/load", "/shoal/v1/models/unload",
+        "/shoal/v1/models/pull",
     }  # fmt: skip
     assert {r.path for r in ROUTES} == covered
 

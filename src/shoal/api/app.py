@@ -9,7 +9,7 @@ from typing import Literal
 from aiohttp import web
 
 from shoal import protocol as p
-from shoal.api import mesh, openai, operator
+from shoal.api import mesh, openai, operator, pull
 from shoal.api.access import access_middleware
 from shoal.api.audience import Audience, Caller
 from shoal.api.errors import Handler, errors_middleware
@@ -41,10 +41,14 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", p.SCAN_PATH, operator.scan, LOCAL),
     Route("GET", p.PAIRS_PATH, operator.list_pairs, LOCAL),
     Route("POST", p.PAIR_ACTION_PATH, operator.pair_action, LOCAL),
+    Route("GET", p.LOCAL_MODELS_PATH, operator.local_models, LOCAL),  # paths on this disk
+    Route("POST", p.LOAD_PATH, operator.load_model, LOCAL),
+    Route("POST", p.UNLOAD_PATH, operator.unload_model, LOCAL),
     Route("POST", p.HELLO_PATH, mesh.trust_hello, PUBLIC),  # authenticates by itself
     Route("POST", p.CONFIRM_PATH, mesh.trust_confirm, PUBLIC),
     Route("POST", p.STATE_PATH, mesh.exchange_state, PEER),
     Route("POST", p.GOODBYE_PATH, mesh.goodbye, PEER),
+    Route("POST", pull.PULL_PATH, pull.pull_model, LOCAL),  # downloads, writes the store
 )
 
 

@@ -1,13 +1,15 @@
-"""Shoal's operator API: health, this node's status, the cluster view, joining, pairing."""
+"""Shoal's operator API: health, this node's status, the cluster view, joining, pairing,
+the models on this node's disk (list, load, unload)."""
 
 from __future__ import annotations
 
 import orjson
 from aiohttp import web
 
-from shoal.api.services import ADMISSION, SCANNER, VIEWS
+from shoal.api.services import ADMISSION, MANAGED, SCANNER, VIEWS
 from shoal.errors import InvalidRequest, NotFound, UpstreamFailed
 from shoal.mesh.identity import short_id
+from shoal.models.names import check_name
 from shoal.trust.admission import PAIR_ACTIONS
 
 
@@ -76,6 +78,31 @@ async def pair_action(request: web.Request) -> web.Response:
     return json(
         {"node_id": node.node_id, "short_id": node.short_id, "name": node.name, "done": action}
     )
+
+
+async def local_models(request: web.Request) -> web.Response:
+    """`shoal models --local`: every GGUF on this disk, loaded or not, with its memory."""
+    return json({"data": request.app[MANAGED].local_models()})
+
+
+async def load_model(request: web.Request) -> web.Response:
+    """`shoal models load NAME`: answered once the model is loaded (or failed to)."""
+    name = _model_name(await request.read())
+    return json(await request.app[MANAGED].load(name))
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    """`shoal models unload NAME`: answered once its engine has stopped."""
+    name = _model_name(await request.read())
+    return json(await request.app[MANAGED].unload(name))
+
+
+def _model_name(raw: bytes) -> str:
+    try:
+        name = orjson.loads(raw)["model"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise InvalidRequest('the body is {"model": "NAME"}', param="model") from None
+    return check_name(name)
 
 
 def json(document: object) -> web.Response:

@@ -14,6 +14,7 @@ from shoal.settings import LimitSettings
 
 if TYPE_CHECKING:
     from shoal.api.views import Views
+    from shoal.engine.managed import ManagedBackend
     from shoal.mesh.advert import OwnState
     from shoal.mesh.peers import Peers
     from shoal.mesh.scan import Scanner
@@ -26,4 +27,5 @@ ADMISSION: web.AppKey[Admission] = web.AppKey("admission")
 PEERS: web.AppKey[Peers] = web.AppKey("peers")
 OWN_STATE: web.AppKey[OwnState] = web.AppKey("own_state")
 SCANNER: web.AppKey[Scanner] = web.AppKey("scanner")
+MANAGED: web.AppKey[ManagedBackend] = web.AppKey("managed")
 LIMITS: web.AppKey[LimitSettings] = web.AppKey("limits", LimitSettings)

@@ -25,6 +25,7 @@ from shoal.cli.common import (
 )
 from shoal.cli.keys import keys_app
 from shoal.cli.models import models_app
+from shoal.cli.pull import pull as _pull  # noqa: F401  (registers `shoal models pull`)
 from shoal.errors import ConfigError
 
 app = typer.Typer(

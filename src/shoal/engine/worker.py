@@ -255,7 +255,7 @@ def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
 
 
 class Worker:
-    def __init__(self, generator: Generator, embedder: Any) -> None:
+    def __init__(self, generator: Generator, embedder: Any | None) -> None:
         self.generator = generator
         self.embedder = embedder
         # Threads: one generation at a time plus embeddings beside it.
@@ -370,6 +370,9 @@ class Worker:
             body = parse(EmbeddingRequest, await request.read())
         except InvalidRequest as exc:
             return _refusal(exc)
+        if self.embedder is None:  # a managed model's engine: a chat model only
+            message = f"{self.generator.model_id} is not an embedding model"
+            return _error(400, message, "model", "unsupported_value")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not all(isinstance(t, str) for t in texts):
             message = "the embedding model takes text input, not token ids"
@@ -451,7 +454,7 @@ async def _serve(args: argparse.Namespace) -> None:
     from shoal.engine.embedding import Embedder
 
     generator = Generator(args.model, args.model_id, threads=args.threads, context=args.context)
-    embedder = Embedder(args.embedding_dir)
+    embedder = Embedder(args.embedding_dir) if args.embedding_dir else None
     runner = web.AppRunner(
         Worker(generator, embedder).app(), handler_cancellation=True, access_log=None
     )
@@ -467,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--model-id", required=True)
-    parser.add_argument("--embedding-dir", type=Path, required=True)
+    # None: no embedding model (a managed model's engine serves one GGUF, nothing else).
+    parser.add_argument("--embedding-dir", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--context", type=int, default=2048)
     args = parser.parse_args(argv)

@@ -1,0 +1,105 @@
+"""A model on one node's disk is served from any node (issue 10, item 4), in one process.
+
+Two real nodes over mutual TLS. a has the packaged SmolLM2 GGUF in a configured folder,
+not loaded, and a real llama-server to load it with; b has no model at all. b learns
+from a's advert that a holds the file (not loaded), so a request to b goes to a, which
+loads the model: the client gets 503 + Retry-After while it loads (the OpenAI SDK
+retries by itself), then 200, served by a.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from shoal.events import Event, EventBus, ModelLoaded, ModelLoading, RequestFinished
+from shoal.node import Node
+from tests.cluster import FakeBackend, RunningNode, node_settings, wait_until
+from tests.conftest import llama_server_command, packaged_gguf
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(120)]
+
+MODEL = "smollm2-135m-instruct:q4_1"  # the catalog's name for the packaged file
+
+
+@contextlib.asynccontextmanager
+async def running(home: Path, name: str, models: dict[str, Any]) -> AsyncIterator[RunningNode]:
+    """One node in open mode with these `[models]` settings, stopped on exit."""
+    store = {"store": home / name / "hub", "adopt_ollama": False, "adopt_lmstudio": False}
+    settings = node_settings(home, name, "open", models={**store, **models})
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(Event, events.append)
+    node = Node(settings, bus)
+    member = RunningNode(node, FakeBackend(f"fake-{name}", ()), events)
+    node.registry.add(member.backend)
+    stop = asyncio.Event()
+    task = asyncio.create_task(node.run(stop))
+    try:
+        await wait_until(lambda: node.url, 10, f"{name} to listen")
+        yield member
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def test_a_model_only_on_as_disk_is_served_to_bs_client_by_a(tmp_path: Path) -> None:
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / packaged_gguf().name).symlink_to(packaged_gguf())
+    binary, _ = llama_server_command()
+    a_models = {"folders": [folder], "llama_server": binary, "context": 1024, "parallel": 1}
+    async with (
+        running(tmp_path, "a", a_models) as a,
+        running(tmp_path, "b", {"llama_server": binary}) as b,
+    ):
+        await b.node.admission.meet(a.url, "join")
+        await b.wait_for_model(MODEL)
+        (listed,) = [m for m in b.node.views.models(local_only=False)["data"] if m["id"] == MODEL]
+        assert (listed["loaded"], listed["nodes"]) == (False, ["a"])
+
+        statuses: list[tuple[int, str | None]] = []
+
+        async def seen(response: Any) -> None:  # the SDK's HTTP client's response
+            statuses.append((response.status_code, response.headers.get("Retry-After")))
+
+        http = openai.DefaultAsyncHttpxClient(event_hooks={"response": [seen]})
+        client = openai.AsyncOpenAI(
+            base_url=b.url + "/v1", api_key="x", max_retries=5, http_client=http
+        )
+        async with client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Say hello."}],
+                max_tokens=8,
+            )
+        completion = raw.parse()
+        assert raw.headers["X-Shoal-Served-By"] == "a"
+        assert completion.model == MODEL
+        assert completion.choices[0].message.content
+        # While a loaded it: 503 with Retry-After, retried by the SDK; then 200.
+        assert statuses[0][0] == 503
+        assert statuses[0][1] is not None
+        assert statuses[-1] == (200, None)
+        assert all(status == 503 for status, _ in statuses[:-1])
+
+        (loading,) = a.seen(ModelLoading, model=MODEL)
+        assert loading.engine == "llama-server"
+        await a.wait_for(ModelLoaded, model=MODEL, backend="managed")
+        finished = b.seen(RequestFinished, model=MODEL)
+        assert [e.status for e in finished] == [s for s, _ in statuses]
+        # b now knows a holds it loaded: its advert said so.
+        await wait_until(
+            lambda: any(
+                m["id"] == MODEL and m["loaded"]
+                for m in b.node.views.models(local_only=False)["data"]
+            ),
+            10,
+            "b to see the model loaded on a",
+        )
