@@ -103,3 +103,27 @@ async def test_a_model_only_on_as_disk_is_served_to_bs_client_by_a(tmp_path: Pat
             10,
             "b to see the model loaded on a",
         )
+
+
+async def test_a_hub_file_is_served_by_its_full_name_from_another_node(tmp_path: Path) -> None:
+    """A Hub file answers to `org/repo/file.gguf` too, on every node: the name travels in
+    the advert as an alias, and the request reaches the holder under the model's id."""
+    from tests.models import hf_store
+
+    full = f"HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/{packaged_gguf().name}"
+    hf_store(tmp_path / "a" / "hub", "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+             {packaged_gguf().name: packaged_gguf()})  # fmt: skip
+    binary, _ = llama_server_command()
+    a_models = {"llama_server": binary, "context": 1024, "parallel": 1}
+    async with running(tmp_path, "a", a_models) as a, running(tmp_path, "b", {}) as b:
+        await b.node.admission.meet(a.url, "join")
+        await b.wait_for_model(MODEL)
+        (listed,) = [m for m in b.node.views.models(local_only=False)["data"] if m["id"] == MODEL]
+        assert full in listed.get("aliases", []), listed
+        client = openai.AsyncOpenAI(base_url=b.url + "/v1", api_key="x", max_retries=8)
+        async with client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model=full, messages=[{"role": "user", "content": "Say hello."}], max_tokens=4
+            )
+        assert raw.headers["X-Shoal-Served-By"] == "a"
+        assert raw.parse().choices[0].message.content is not None

@@ -42,6 +42,7 @@ def sample() -> NodeState:
         models=(
             ModelAdvert("llama3", True, ("chat/completions", "completions"), 4_000_000, "Q4_K_M"),
             ModelAdvert("minilm", False, ("embeddings",)),
+            ModelAdvert("smol:q4_1", False, ("completions",), aliases=("org/smol/smol.gguf",)),
         ),
         load=Load(in_flight=1, queued=0, capacity=2),
         hardware=Hardware(cpu="x", cores=8, ram_bytes=32 << 30, gpu="rtx", vram_bytes=8 << 30),
@@ -54,6 +55,17 @@ def sample() -> NodeState:
 
 def test_round_trip() -> None:
     assert decode(sample().encode()) == sample()
+
+
+@pytest.mark.parametrize(
+    "aliases",
+    ["org/x.gguf", ["../etc/passwd"], ["a\\b"], ["x\u0000"], ["ok"] * 9, [7], ["\u0430bc"]],
+)
+def test_model_aliases_are_valid_names_and_few(aliases: object) -> None:
+    document = orjson.loads(sample().encode())
+    document["models"][0]["aliases"] = aliases
+    with pytest.raises(ProtocolError, match="aliases"):
+        decode(orjson.dumps(document))
 
 
 def test_hardware_score_counts_gpu_memory_most() -> None:

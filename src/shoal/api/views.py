@@ -87,6 +87,9 @@ class Views:
                  "loaded": False, "nodes": [], "backends": [], **_facts(facts)},
             )  # fmt: skip
             model["loaded"] = model["loaded"] or loaded
+            for alias in facts.get("aliases") or ():  # other names it answers to
+                if alias not in model.setdefault("aliases", []):
+                    model["aliases"].append(alias)
             if node_name not in model["nodes"]:
                 model["nodes"].append(node_name)
 

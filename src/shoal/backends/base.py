@@ -42,6 +42,12 @@ class ModelInfo:
     context_length: int | None = None
     # What the model can do; a chat model usually also does completions.
     operations: frozenset[Operation] = GENERATION
+    # Other names it answers to, e.g. a Hub file's `org/repo/file.gguf`: a request for
+    # one is served under `id`, here and from any peer.
+    aliases: tuple[str, ...] = ()
+
+    def answers_to(self, name: str) -> bool:
+        return name == self.id or name in self.aliases
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +57,7 @@ class ModelInfo:
             "quantization": self.quantization,
             "context_length": self.context_length,
             "operations": sorted(self.operations),
+            **({"aliases": list(self.aliases)} if self.aliases else {}),
         }
 
 

@@ -92,7 +92,9 @@ class BackendRegistry:
             entry
             for entry in self._entries.values()
             if entry.healthy
-            and any(info.id == model and op in info.operations for info in entry.status.models)
+            and any(
+                info.answers_to(model) and op in info.operations for info in entry.status.models
+            )
         ]
 
     def models(self) -> list[tuple[ModelInfo, BackendEntry]]:
@@ -109,7 +111,7 @@ class BackendRegistry:
             entry
             for entry in self._entries.values()
             if any(
-                info.id == model and op in info.operations
+                info.answers_to(model) and op in info.operations
                 for info in (entry.status.models or entry.last_models)
             )
         ]

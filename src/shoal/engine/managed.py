@@ -80,6 +80,7 @@ from shoal.events import (
     ModelUnloading,
     UnloadReason,
 )
+from shoal.mesh.state import MAX_ALIASES
 from shoal.models.catalog import Catalog, LocalModel
 from shoal.settings import EngineSettings, LimitSettings, ModelSettings
 
@@ -393,6 +394,7 @@ class ManagedBackend:
             quantization=model.quantization,
             context_length=slot_context(model, self._settings.context),
             operations=operations_of(model),
+            aliases=tuple(n for n in model.names if n != model.name)[:MAX_ALIASES],
         )
 
     def _not_ready(self, engine: ModelEngine) -> ModelNotReady:

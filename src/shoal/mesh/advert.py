@@ -47,6 +47,7 @@ class OwnState:
                 size_bytes=info.size_bytes,
                 quantization=info.quantization,
                 context_length=info.context_length,
+                aliases=info.aliases,
             )
         return NodeState(
             node_id=self.node_id,

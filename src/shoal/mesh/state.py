@@ -21,8 +21,12 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from shoal.models.names import is_valid_name
+
 PROTOCOL_VERSION = 1
 _MAX_MODELS = 4096
+#: Other names one model answers to, in a snapshot (a Hub file's full name, duplicates).
+MAX_ALIASES = 8
 _MAX_TEXT = 256
 #: A node's name is chosen by whoever runs it and shown to other operators (`shoal pair
 #: list`, status, logs): short, one line, no terminal escapes.
@@ -44,6 +48,10 @@ class ModelAdvert:
     size_bytes: int | None = None
     quantization: str | None = None
     context_length: int | None = None
+    aliases: tuple[str, ...] = ()  # other names it answers to (shoal.backends.base.ModelInfo)
+
+    def answers_to(self, name: str) -> bool:
+        return name == self.id or name in self.aliases
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +133,7 @@ def _model_dict(model: ModelAdvert) -> dict[str, Any]:
         "size_bytes": model.size_bytes,
         "quantization": model.quantization,
         "context_length": model.context_length,
+        **({"aliases": list(model.aliases)} if model.aliases else {}),
     }
 
 
@@ -248,7 +257,19 @@ def _model(entry: Any) -> ModelAdvert:
         size_bytes=_optional_int(entry, "size_bytes"),
         quantization=_optional_text(entry, "quantization"),
         context_length=_optional_int(entry, "context_length"),
+        aliases=_aliases(entry),
     )
+
+
+def _aliases(entry: dict[str, Any]) -> tuple[str, ...]:
+    aliases = entry.get("aliases", [])
+    if (
+        not isinstance(aliases, list)
+        or len(aliases) > MAX_ALIASES
+        or not all(isinstance(a, str) and is_valid_name(a) for a in aliases)
+    ):
+        raise ProtocolError(f"model aliases must be at most {MAX_ALIASES} valid model names")
+    return tuple(aliases)
 
 
 def _obj(doc: dict[str, Any], key: str) -> dict[str, Any]:

@@ -156,16 +156,17 @@ class Router:
             for entry in self._registry.candidates(name, op):
                 if entry.backend.name in found:
                     continue
-                loaded = any(m.loaded for m in entry.status.models if m.id == name)
+                held = [m for m in entry.status.models if m.answers_to(name)]
                 candidate = Candidate(
                     key=entry.backend.name,
                     node_id=self._node_id,
                     local=True,
-                    loaded=loaded,
+                    loaded=any(m.loaded for m in held),
                     in_flight=self._ledger.backend(entry.backend.name),
                     capacity=capacity,
                 )
-                found[entry.backend.name] = LocalTarget(entry, self._registry, name, candidate)
+                served_as = held[0].id if held else name  # the backend's own name for it
+                found[entry.backend.name] = LocalTarget(entry, self._registry, served_as, candidate)
         return list(found.values())
 
     def _remote(self, op: Operation, names: Sequence[str]) -> list[Target]:
@@ -182,22 +183,22 @@ class Router:
             state = peer.state
             if state is None:
                 continue
-            held = {m.id: m for m in state.models if op.value in m.operations}
-            name = next((n for n in names if n in held), None)
-            if name is None:
+            usable = [m for m in state.models if op.value in m.operations]
+            model = next((m for n in names for m in usable if m.answers_to(n)), None)
+            if model is None:
                 continue
             peer_id = peer.view.peer_id
             candidate = Candidate(
                 key=peer_id,
                 node_id=peer_id,
                 local=False,
-                loaded=held[name].loaded,
+                loaded=model.loaded,
                 in_flight=state.load.in_flight + self._ledger.peer(peer_id),
                 capacity=state.load.capacity,
                 hardware_score=state.hardware.score,
                 healthy=peer.view.state is PeerState.ALIVE,
             )
-            targets.append(PeerTarget(peer, self._peers, name, candidate))
+            targets.append(PeerTarget(peer, self._peers, model.id, candidate))
         return targets
 
     def _peer_list(self) -> list[Peer]:
