@@ -16,9 +16,12 @@
     │   ├── BackendUnavailable     503  the backend is down or restarting
     │   └── ModelNotReady          503  a managed model is loading, restarting, or waiting
     │                                   for memory held by busy models
-    ├── UpstreamError          a backend or peer failed us
+    ├── UpstreamError          a backend or peer (or the Hub) failed us
     │   ├── UpstreamFailed         502  refused, reset, crashed, garbage answer
+    │   │   └── ChecksumMismatch   502  a download whose SHA-256 is not its source's
     │   └── UpstreamTimeout        504
+    ├── HubOffline             503  HF_HUB_OFFLINE is set and the file is not in the store
+    ├── NotEnoughSpace         507  the disk cannot hold a download
     └── ConfigError            the operator's configuration is wrong (not an HTTP error)
 
 Errors are turned into HTTP responses in exactly one place, `shoal.api.errors`.
@@ -163,6 +166,26 @@ class UpstreamFailed(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class ChecksumMismatch(UpstreamFailed):
+    """A downloaded file whose SHA-256 is not the one its source announced."""
+
+    code = "checksum_mismatch"
+
+
+class HubOffline(ShoalError):
+    """HF_HUB_OFFLINE is set and what was asked for is not complete in the store."""
+
+    status = 503
+    code = "hub_offline"
+
+
+class NotEnoughSpace(ShoalError):
+    """The disk cannot hold a download (checked before it starts, and if it fills)."""
+
+    status = 507
+    code = "insufficient_storage"
 
 
 class ConfigError(ShoalError):

@@ -91,7 +91,7 @@ def pull(
 
 
 def _exit_code(error: ShoalError) -> int:
-    from shoal.models.pull import HubOffline, NotEnoughSpace
+    from shoal.errors import HubOffline, NotEnoughSpace
 
     if isinstance(error, ClientError):
         return EXIT_BAD_REF

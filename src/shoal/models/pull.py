@@ -46,9 +46,12 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, Literal, cast
 
 from shoal import __version__
-from shoal.errors import (
+from shoal.errors import (  # the pull's own errors are in the one tree, re-exported
+    ChecksumMismatch,
+    HubOffline,
     InvalidRequest,
     ModelNotFound,
+    NotEnoughSpace,
     ShoalError,
     UpstreamFailed,
     UpstreamTimeout,
@@ -71,26 +74,6 @@ INFO_TIMEOUT_S = 30.0
 SPACE_MARGIN_BYTES = 1 << 20
 _LOCK_POLL_S = 0.5  # how often a pull waiting for another one's lock looks at `cancel`
 _READ_BYTES = 1 << 20
-
-# -- errors (mapped to HTTP by `shoal.api.errors`, to exit codes by `shoal.cli.pull`) ------
-
-
-class NotEnoughSpace(ShoalError):
-    status = 507
-    type = "server_error"
-    code = "insufficient_storage"
-
-
-class HubOffline(ShoalError):
-    """HF_HUB_OFFLINE is set and the REF is not complete in the store."""
-
-    status = 503
-    type = "server_error"
-    code = "hub_offline"
-
-
-class ChecksumMismatch(UpstreamFailed):
-    code = "checksum_mismatch"
 
 
 class PullCancelled(Exception):
