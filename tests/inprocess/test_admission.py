@@ -18,7 +18,6 @@ from shoal.events import PeerJoined, PeerRemoved, PeerSuspect, TrustChanged
 from shoal.mesh.identity import short_id
 from shoal.mesh.link import PeerLink
 from shoal.mesh.state import NodeState
-from shoal.trust.service import Met, Trust
 from shoal.trust.store import TrustState
 from tests.cluster import RunningNode, cluster, wait_until
 
@@ -37,20 +36,6 @@ def exchanges(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
     monkeypatch.setattr(PeerLink, "exchange", counted)
     return sent
-
-
-@pytest.fixture
-def handshakes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Handshakes started, by the API URL they went to."""
-    started: Counter[str] = Counter()
-    original = Trust.admit
-
-    async def counted(self: Trust, api_url: str) -> Met:
-        started[api_url] += 1
-        return await original(self, api_url)
-
-    monkeypatch.setattr(Trust, "admit", counted)
-    return started
 
 
 async def operator(node: RunningNode, method: str, path: str) -> tuple[int, Any]:

@@ -20,24 +20,9 @@ from shoal.events import PeerStateChanged
 from shoal.mesh.introductions import Introductions
 from shoal.mesh.state import Introduction
 from shoal.trust import admission
-from shoal.trust.service import Met, Trust
 from shoal.trust.store import TrustState
 from tests.cluster import RunningNode, chat, cluster, wait_until
 from tests.support import free_port
-
-
-@pytest.fixture
-def handshakes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Handshakes started, by the API URL they went to."""
-    started: Counter[str] = Counter()
-    original = Trust.admit
-
-    async def counted(self: Trust, api_url: str) -> Met:
-        started[api_url] += 1
-        return await original(self, api_url)
-
-    monkeypatch.setattr(Trust, "admit", counted)
-    return started
 
 
 def sources(node: RunningNode, peer_id: str) -> frozenset[str]:
