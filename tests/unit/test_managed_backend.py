@@ -39,6 +39,7 @@ from shoal.events import (
 )
 from shoal.models.catalog import LocalModel
 from shoal.settings import EngineSettings, LimitSettings, ModelSettings
+from tests.cluster import wait_until
 
 FAKE_ENGINE = Path(__file__).parents[1] / "fake_engine.py"
 WORKER = Engine("worker", None)
@@ -74,17 +75,6 @@ def gguf(tmp_path: Path, name: str, size: int = 10 * MIB) -> LocalModel:
     )  # fmt: skip
 
 
-async def wait_until(condition: Callable[[], T], what: str, within_s: float = DEADLINE_S) -> T:
-    try:
-        async with asyncio.timeout(within_s):
-            # Polled: much of what is waited for is another process's doing.
-            while not (value := condition()):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {within_s} s waiting for {what}") from None
-    return value
-
-
 @dataclass
 class Managed:
     backend: ManagedBackend
@@ -104,7 +94,7 @@ class Managed:
         return {m.id for m in self.backend.status().models if m.loaded}
 
     async def wait_loaded(self, name: str) -> None:
-        await wait_until(lambda: name in self.loaded(), f"{name} to be loaded")
+        await wait_until(lambda: name in self.loaded(), DEADLINE_S, f"{name} to be loaded")
 
     async def chat(self, name: str) -> Upstream:
         body = json.dumps({"model": name, "messages": [{"role": "user", "content": "hi"}]})
@@ -182,7 +172,7 @@ async def start_managed(
         await asyncio.gather(task, return_exceptions=True)
         await result.backend.aclose()
         pids = [s["pid"] for s in result.starts()]
-        await wait_until(lambda: not any(map(_alive, pids)), "every child to be gone", 5.0)  # noqa: B023
+        await wait_until(lambda: not any(map(_alive, pids)), 5.0, "every child to be gone")  # noqa: B023
 
 
 def _alive(pid: int) -> bool:
@@ -289,12 +279,12 @@ async def test_an_idle_model_unloads_after_its_keep_alive(
     )
     for name in ("a", "b"):
         (await m.loaded_by_request(name)).close()
-    unloading = await wait_until(lambda: m.of(ModelUnloading, model="a"), "a to unload")
+    unloading = await wait_until(lambda: m.of(ModelUnloading, model="a"), DEADLINE_S, "a to unload")
     assert unloading[0].reason == "idle"
-    await wait_until(lambda: m.loaded() == {"b"}, "a to leave the list")
+    await wait_until(lambda: m.loaded() == {"b"}, DEADLINE_S, "a to leave the list")
     assert not m.of(ModelUnloading, model="b")  # its own keep_alive: a minute
     first = m.starts()[0]["pid"]
-    await wait_until(lambda: not _alive(first), "a's engine to exit")
+    await wait_until(lambda: not _alive(first), DEADLINE_S, "a's engine to exit")
 
 
 async def test_too_large_for_the_memory_limit_is_refused_clearly(
@@ -327,7 +317,7 @@ async def test_a_model_that_never_starts_is_given_up_and_its_error_shown(
     m = await start_managed(gguf(tmp_path, "broken"), plan=({"exit": 3},))
     with pytest.raises(ModelNotReady):
         await m.chat("broken")
-    await wait_until(lambda: m.of(ModelUnloading, model="broken"), "the give-up")
+    await wait_until(lambda: m.of(ModelUnloading, model="broken"), DEADLINE_S, "the give-up")
     assert m.of(ModelUnloading, model="broken")[0].reason == "failed"
     assert len(m.of(EngineExited, model="broken")) == GIVE_UP_AFTER
     with pytest.raises(UpstreamFailed, match="failed to load: failed to start 3 times"):
@@ -340,7 +330,7 @@ async def test_a_crashed_engine_is_restarted_and_503_meanwhile(
 ) -> None:
     m = await start_managed(gguf(tmp_path, "a"), plan=({"exit": 9, "after_s": 0.5}, {}))
     (await m.loaded_by_request("a")).close()
-    await wait_until(lambda: m.of(EngineExited, model="a"), "the crash")
+    await wait_until(lambda: m.of(EngineExited, model="a"), DEADLINE_S, "the crash")
     await m.wait_loaded("a")  # the supervisor started it again
     assert len(m.starts()) == 2
     assert m.backend.local_models()[0]["restarts"] == 1
@@ -422,7 +412,9 @@ async def test_an_engine_that_cannot_be_spawned_is_a_failed_load_not_a_crash(
     m = await start_managed(gguf(tmp_path, "a"), gguf(tmp_path, "b"))
     with pytest.raises(ModelNotReady):
         await m.chat("a")
-    await wait_until(lambda: m.of(ModelUnloading, model="a", reason="failed"), "the failure")
+    await wait_until(
+        lambda: m.of(ModelUnloading, model="a", reason="failed"), DEADLINE_S, "the failure"
+    )
     with pytest.raises(UpstreamFailed, match=r"could not be started \(FileNotFoundError"):
         await m.chat("a")
     with pytest.raises(ModelNotReady):  # the backend lives on: another model may load
