@@ -145,6 +145,9 @@ class ModelSettings(_Section):
     # Tokens of context per slot, and slots (parallel requests) per loaded model.
     context: int = Field(default=4096, ge=256, le=1_048_576)
     parallel: int = Field(default=2, ge=1, le=64)
+    # Who may fetch this node's model files over the peer channel: "paired" (admitted
+    # peers, over mutual TLS; the default) or "off".
+    share: Literal["off", "paired"] = "paired"
     # Bytes of memory models may use. None: what the system reports available when a
     # model loads. A model whose file and KV cache do not fit is refused, not OOM-killed.
     memory_limit_bytes: int | None = Field(default=None, ge=0)
