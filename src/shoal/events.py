@@ -18,6 +18,7 @@ subscribe beside them without touching the publishers.
                                   ModelLoading ModelUnloading ModelRefused
     routing.dispatch              RequestRouted RequestFirstByte RequestFinished
     routing.ledger.LoadLedger     LoadChanged
+    api.pull.Pulls                ModelPullProgress ModelPulled ModelPullFailed
 
 Delivery is synchronous, in the order of publishing, to plain functions: publishing is
 a dictionary lookup and a call per subscriber, cheap enough for the request path. A
