@@ -11,7 +11,8 @@
     │   ├── MethodNotAllowed       405
     │   ├── RequestTimeout         408  the body did not arrive in time
     │   ├── PayloadTooLarge        413
-    │   └── UnsupportedEncoding    415  a Content-Encoding the node does not inflate
+    │   ├── UnsupportedEncoding    415  a Content-Encoding the node does not inflate
+    │   └── RangeNotSatisfiable    416  a model file range a peer may not ask for
     ├── BusyError              429/503 with Retry-After: try again later
     │   ├── BackendUnavailable     503  the backend is down or restarting
     │   └── ModelNotReady          503  a managed model is loading, restarting, or waiting
@@ -117,6 +118,20 @@ class UnsupportedEncoding(ClientError):
 
     def headers(self) -> dict[str, str]:
         return {"Accept-Encoding": ", ".join(self.accepted)}  # RFC 7694
+
+
+class RangeNotSatisfiable(ClientError):
+    """A range of a model file that is not chunk-aligned, too long, or past its end."""
+
+    status = 416
+    code = "range_not_satisfiable"
+
+    def __init__(self, message: str, *, size: int) -> None:
+        super().__init__(message, param="Range")
+        self.size = size
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}  # RFC 9110 §15.5.17
 
 
 class BusyError(ShoalError):

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from shoal.api import pull, services
+from shoal.api import pull, services, share
 from shoal.api.access import HEADER_LIMITS, MachineHosts, is_loopback_address, peer_port_caller
 from shoal.api.app import build_app
 from shoal.api.connections import ConnectionBook, connection_caps
@@ -66,6 +66,7 @@ from shoal.mesh.mdns import MdnsDiscovery, advertised_addresses
 from shoal.mesh.peers import Peers
 from shoal.mesh.state import local_hardware
 from shoal.models.catalog import Catalog, ModelCatalog
+from shoal.models.manifest import ManifestCache
 from shoal.models.stores import store_dir
 from shoal.process import install_accept_error_handler, open_file_limit, raise_fd_limit
 from shoal.routing.dispatch import Dispatcher
@@ -199,6 +200,9 @@ class Node:
         app[services.SCANNER] = self.scanner
         app[services.MANAGED] = self.managed
         app[pull.PULLS] = pull.Pulls(store_dir(settings.models), self.bus, self.refresh_models)
+        self.shares = app[share.SHARES] = share.Shares(
+            self.catalog, ManifestCache.in_data_dir(settings.data_dir), settings.models.share
+        )
         app[services.LIMITS] = settings.limits
         return app
 

@@ -436,6 +436,9 @@ def test_every_route_declares_an_audience_and_the_node_protocol_is_not_client() 
         # The peer protocol needs a paired node's certificate: not a key, not the LAN.
         ("POST", "/shoal/v1/mesh/state", 403),
         ("POST", "/shoal/v1/mesh/goodbye", 403),
+        ("GET", "/shoal/v1/files/" + "ab" * 32, 403),  # model files: paired peers only
+        ("HEAD", "/shoal/v1/files/" + "ab" * 32, 403),
+        ("GET", "/shoal/v1/files/" + "ab" * 32 + "/manifest", 403),
         # What makes the node contact addresses or changes trust: this machine only.
         ("POST", "/shoal/v1/peers", 403),
         ("POST", "/shoal/v1/peers/scan", 403),
@@ -472,7 +475,7 @@ def test_the_test_table_covers_every_route() -> None:
         "/shoal/v1/pairs/{node}/{action}", "/shoal/v1/status", "/v1/models",
         "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
         "/shoal/v1/models/local", "/shoal/v1/models/load", "/shoal/v1/models/unload",
-        "/shoal/v1/models/pull",
+        "/shoal/v1/models/pull", "/shoal/v1/files/{sha256}", "/shoal/v1/files/{sha256}/manifest",
     }  # fmt: skip
     assert {r.path for r in ROUTES} == covered
 

@@ -9,7 +9,7 @@ from typing import Literal
 from aiohttp import web
 
 from shoal import protocol as p
-from shoal.api import mesh, openai, operator, pull
+from shoal.api import mesh, openai, operator, pull, share
 from shoal.api.access import access_middleware
 from shoal.api.audience import Audience, Caller
 from shoal.api.errors import Handler, errors_middleware
@@ -48,6 +48,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", p.CONFIRM_PATH, mesh.trust_confirm, PUBLIC),
     Route("POST", p.STATE_PATH, mesh.exchange_state, PEER),
     Route("POST", p.GOODBYE_PATH, mesh.goodbye, PEER),
+    Route("GET", share.FILE_MANIFEST_PATH, share.file_manifest, PEER),  # model files
+    Route("GET", share.FILE_PATH, share.file_range, PEER),
     Route("POST", pull.PULL_PATH, pull.pull_model, LOCAL),  # downloads, writes the store
 )
 

@@ -45,6 +45,9 @@ class ModelInfo:
     # Other names it answers to, e.g. a Hub file's `org/repo/file.gguf`: a request for
     # one is served under `id`, here and from any peer.
     aliases: tuple[str, ...] = ()
+    # The file's SHA-256 (a managed model whose store names it): peers may fetch the
+    # file from this node by it.
+    sha256: str | None = None
 
     def answers_to(self, name: str) -> bool:
         return name == self.id or name in self.aliases

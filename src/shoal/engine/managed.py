@@ -395,6 +395,7 @@ class ManagedBackend:
             context_length=slot_context(model, self._settings.context),
             operations=operations_of(model),
             aliases=tuple(n for n in model.names if n != model.name)[:MAX_ALIASES],
+            sha256=model.sha256,
         )
 
     def _not_ready(self, engine: ModelEngine) -> ModelNotReady:

@@ -48,6 +48,7 @@ class OwnState:
                 quantization=info.quantization,
                 context_length=info.context_length,
                 aliases=info.aliases,
+                sha256=info.sha256 or (known.sha256 if known is not None else None),
             )
         return NodeState(
             node_id=self.node_id,

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from shoal.models.manifest import is_sha256
 from shoal.models.names import is_valid_name
 
 PROTOCOL_VERSION = 1
@@ -49,6 +50,9 @@ class ModelAdvert:
     quantization: str | None = None
     context_length: int | None = None
     aliases: tuple[str, ...] = ()  # other names it answers to (shoal.backends.base.ModelInfo)
+    # The file's SHA-256 when the node holds it on disk and knows it: peers fetch the
+    # file by it (`shoal.api.share`).
+    sha256: str | None = None
 
     def answers_to(self, name: str) -> bool:
         return name == self.id or name in self.aliases
@@ -134,6 +138,7 @@ def _model_dict(model: ModelAdvert) -> dict[str, Any]:
         "quantization": model.quantization,
         "context_length": model.context_length,
         **({"aliases": list(model.aliases)} if model.aliases else {}),
+        **({"sha256": model.sha256} if model.sha256 else {}),
     }
 
 
@@ -258,7 +263,15 @@ def _model(entry: Any) -> ModelAdvert:
         quantization=_optional_text(entry, "quantization"),
         context_length=_optional_int(entry, "context_length"),
         aliases=_aliases(entry),
+        sha256=_sha256(entry),
     )
+
+
+def _sha256(entry: dict[str, Any]) -> str | None:
+    value = entry.get("sha256")
+    if value is not None and not is_sha256(value):
+        raise ProtocolError("model sha256 must be 64 lowercase hex digits")
+    return value
 
 
 def _aliases(entry: dict[str, Any]) -> tuple[str, ...]:
