@@ -199,7 +199,9 @@ class Node:
         app[services.OWN_STATE] = self.own_state
         app[services.SCANNER] = self.scanner
         app[services.MANAGED] = self.managed
-        app[pull.PULLS] = pull.Pulls(store_dir(settings.models), self.bus, self.refresh_models)
+        app[pull.PULLS] = pull.Pulls(
+            store_dir(settings.models), self.bus, self.refresh_models, peers=self.peers
+        )
         self.shares = app[share.SHARES] = share.Shares(
             self.catalog, ManifestCache.in_data_dir(settings.data_dir), settings.models.share
         )

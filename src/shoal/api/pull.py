@@ -1,7 +1,10 @@
 """`POST /shoal/v1/models/pull`: `shoal models pull` through the operator API, for the
 dashboard (this machine's operator only: it makes the node download and write).
 
-    request   {"model": REF, "revision": "main", "stream": true}
+    request   {"model": REF, "revision": "main", "stream": true, "source": "any"}
+              REF may also be any name a paired peer advertises a file under: that file
+              comes from the peers holding it (`shoal.models.peer_pull`), the Hub
+              if they fail; "source": "peers" asks the peers only (404 if none has it)
     answer    NDJSON, one object a line, as Ollama's /api/pull streams:
               {"status": "downloading", "file", "completed", "total", "rate_bps", "eta_s", ...}
               {"status": "verifying", "file", ...}
@@ -36,11 +39,13 @@ from aiohttp import web
 from shoal.api.bodies import read_body
 from shoal.api.errors import error_body
 from shoal.api.services import LIMITS
-from shoal.errors import BackendUnavailable, InvalidRequest, ShoalError
+from shoal.errors import BackendUnavailable, InvalidRequest, ModelNotFound, ShoalError
 from shoal.events import EventBus, ModelPulled, ModelPullFailed, ModelPullProgress
 from shoal.models.pull_refs import HubRef, check_revision, parse_ref
 
 if TYPE_CHECKING:
+    from shoal.mesh.peers import Peers
+    from shoal.models.peer_pull import PeerOffer
     from shoal.models.pull import Hub, Pulled, PullProgress
 
 log = logging.getLogger(__name__)
@@ -59,14 +64,92 @@ class Pulls:
         refresh: Callable[[], Awaitable[None]] | None = None,
         *,
         hub: Callable[[], Hub] | None = None,
+        peers: Peers | None = None,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
     ) -> None:
         self.store = store
         self.bus = bus
         self.refresh = refresh  # the node's: rescan the stores, list what was pulled
         self._hub = hub
+        self._peers = peers  # paired peers: asked first for a file they advertise
         self._interval = progress_interval_s
         self._ids = itertools.count(1)
+
+    def offer(self, model: str) -> PeerOffer | None:
+        """The file paired peers advertise under `model` with its SHA-256, if any."""
+        from shoal.models.peer_pull import find_offer
+
+        if self._peers is None:
+            return None
+        return find_offer((p.state for p in self._peers.routable() if p.state), model)
+
+    async def run_named(
+        self, model: str, revision: str
+    ) -> AsyncGenerator[PullProgress | Pulled, None]:
+        """`model` from the peers that advertise it, else (or if they fail) from the Hub."""
+        from shoal.models.peer_pull import PeerPullFailed
+
+        offer = self.offer(model)
+        if offer is not None:
+            try:
+                async for item in self.run_peers(offer):
+                    yield item
+                return
+            except PeerPullFailed as exc:
+                try:
+                    ref = parse_ref(model)
+                except InvalidRequest:
+                    raise exc from None  # a peer's name only: no Hub to fall back to
+                log.warning("pulling %s from peers failed (%s); trying the Hub", model, exc)
+        else:
+            ref = parse_ref(model)
+        async for item in self.run(ref, revision):
+            yield item
+
+    async def run_peers(self, offer: PeerOffer) -> AsyncGenerator[PullProgress | Pulled, None]:
+        """The pull of `offer` from the peers holding it: progress, then what was pulled.
+        Leaving the iteration early cancels it (what was verified stays for a resume)."""
+        from shoal.models.peer_pull import peer_sources, pull_from_peers
+
+        assert self._peers is not None
+        pull_id = next(self._ids)
+        updates: asyncio.Queue[PullProgress] = asyncio.Queue()
+        sources = peer_sources(offer, self._peers.link)
+        task = asyncio.create_task(
+            pull_from_peers(offer, self.store, sources, on_progress=updates.put_nowait)
+        )
+        outcome: tuple[str | None, str] | None = ("cancelled", "the pull was cancelled")
+        try:
+            while True:
+                getter = asyncio.ensure_future(updates.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    item = getter.result()
+                    self.bus.publish(
+                        ModelPullProgress(
+                            pull_id, offer.name, item.filename, item.done, item.total,
+                            item.rate_bps,
+                        )
+                    )  # fmt: skip
+                    yield item
+                    continue
+                getter.cancel()
+                try:
+                    pulled = task.result()
+                except ShoalError as exc:
+                    outcome = (exc.code, exc.message)
+                    raise
+                outcome = None
+                await self._pulled(pull_id, pulled)
+                yield pulled
+                return
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if outcome is not None:
+                self.bus.publish(ModelPullFailed(pull_id, offer.name, *outcome))
 
     async def run(self, ref: HubRef, revision: str) -> AsyncGenerator[PullProgress | Pulled, None]:
         """The pull's progress as it goes, then what was pulled; a failure raises. Leaving
@@ -166,7 +249,7 @@ async def pull_model(request: web.Request) -> web.StreamResponse:
             param="model",
             code="missing_required_parameter",
         )
-    ref = parse_ref(body["model"])
+    model = body["model"]
     revision = check_revision(body.get("revision"))
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
@@ -175,7 +258,21 @@ async def pull_model(request: web.Request) -> web.StreamResponse:
     if pulls is None:
         raise BackendUnavailable("this node has no model store to pull into", retry_after=60)
 
-    updates = pulls.run(ref, revision)
+    source = body.get("source", "any")
+    if source not in ("any", "peers"):
+        raise InvalidRequest('source must be "any" or "peers"', param="source")
+    # A name paired peers advertise (with its SHA-256) is pulled from them first; any
+    # other must be a Hub REF, checked before anything starts. "peers": from them only
+    # (the CLI, which pulls from the Hub itself, with its own environment).
+    offer = pulls.offer(model) if isinstance(model, str) else None
+    if source == "peers":
+        if offer is None:
+            raise ModelNotFound(f"no paired peer advertises {model!r}", code="not_on_peers")
+        updates = pulls.run_peers(offer)
+    elif offer is None:
+        updates = pulls.run(parse_ref(model), revision)
+    else:
+        updates = pulls.run_named(model, revision)
     try:
         # The first update before any byte of the answer: what fails while resolving
         # the REF or checking the disk is an ordinary error answer with its status.
@@ -218,6 +315,8 @@ def _line(update: PullProgress | Pulled) -> bytes:
             "part": update.file_index,
             "parts": update.file_count,
         }
+        if update.sources is not None:
+            document["sources"] = update.sources
     else:
         document = {"status": "success", **update.to_json()}
     return orjson.dumps(document) + b"\n"

@@ -233,6 +233,32 @@ class HttpTransport:
             response.raise_for_status()
             return orjson.loads(await response.read())
 
+    async def get_range(self, path: str, first: int, last: int, timeout_s: float) -> bytes:
+        """GET bytes `first`..`last` (inclusive) of a file (peer protocol): the body of a
+        206 of exactly that length, within `timeout_s` in all. Raises aiohttp errors
+        (ClientResponseError on another status), TimeoutError, or ValueError if the
+        answer is not that range."""
+        async with self._client().get(
+            f"{self.base_url}{path}",
+            headers={"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"},
+            timeout=aiohttp.ClientTimeout(timeout_s),
+        ) as response:
+            response.raise_for_status()
+            if response.status != 206:
+                raise ValueError(f"asked for a range, got {response.status}")
+            if response.content_length not in (None, last - first + 1):  # before reading it
+                raise ValueError(
+                    f"asked for {last - first + 1} bytes, told {response.content_length}"
+                )
+            body = bytearray()
+            async for piece in response.content.iter_any():
+                body += piece
+                if len(body) > last - first + 1:  # never buffer more than was asked
+                    break
+        if len(body) != last - first + 1:
+            raise ValueError(f"asked for {last - first + 1} bytes, got {len(body)}")
+        return bytes(body)
+
     async def post(self, path: str, body: bytes, timeout_s: float) -> bytes:
         """POST a small JSON message (peer protocol); the answer's body on 2xx.
 

@@ -10,7 +10,7 @@ to resume).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import (
@@ -55,39 +55,90 @@ def pull(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Download a GGUF from the Hugging Face Hub into the model store (resumable)."""
+    """Download a GGUF into the model store: from paired peers that hold it (through this
+    machine's node, if it runs), else from the Hugging Face Hub (resumable)."""
     # Imported here: huggingface_hub costs a third of a second that other commands skip.
     from shoal.models import pull as pulling
     from shoal.models.pull_refs import check_revision, parse_ref
     from shoal.models.stores import store_dir
 
+    settings = load_settings(config)
     try:
-        parsed, checked = parse_ref(ref), check_revision(revision)
+        checked = check_revision(revision)
     except ClientError as exc:
         raise fail(exc.message, EXIT_BAD_REF) from None
-    store = store_dir(load_settings(config).models)
     try:
-        with _Bars() as bars:
-            pulled = pulling.pull(parsed, store=store, revision=checked, on_progress=bars.show)
+        parsed, bad_ref = parse_ref(ref), None
+    except ClientError as exc:  # maybe a name only peers know: they are asked first
+        parsed, bad_ref = None, exc.message
+    try:
+        result = _from_peers(f"http://127.0.0.1:{settings.port}", ref, parsed is not None)
     except KeyboardInterrupt:
         raise fail("interrupted; the same command resumes the download", EXIT_INTERRUPTED) from None
-    except ShoalError as exc:
-        raise fail(exc.message, _exit_code(exc)) from None
-    except OSError as exc:
-        raise fail(f"cannot write the store at {store}: {exc}", 1) from None
+    if result is None:
+        if parsed is None:
+            raise fail(bad_ref or "not a REF", EXIT_BAD_REF)
+        store = store_dir(settings.models)
+        try:
+            with _Bars() as bars:
+                pulled = pulling.pull(parsed, store=store, revision=checked, on_progress=bars.show)
+        except KeyboardInterrupt:
+            raise fail(
+                "interrupted; the same command resumes the download", EXIT_INTERRUPTED
+            ) from None
+        except ShoalError as exc:
+            raise fail(exc.message, _exit_code(exc)) from None
+        except OSError as exc:
+            raise fail(f"cannot write the store at {store}: {exc}", 1) from None
+        result = pulled.to_json()
     if as_json:
-        out.print_json(json.dumps(pulled.to_json()))
+        out.print_json(json.dumps(result))
         return
-    fetched, size = pulled.downloaded_bytes, pulled.size_bytes
+    fetched, size = result["downloaded_bytes"], result["size_bytes"]
     if not fetched:
         how = "already in the store"
     else:
         resumed = " (the rest was there from an interrupted pull)" if fetched < size else ""
-        how = f"downloaded {human_size(fetched)}{resumed} in {pulled.seconds:.1f} s"
+        where = " from peers" if result["revision"] == "peers" else ""
+        how = f"downloaded {human_size(fetched)}{where}{resumed} in {result['seconds']:.1f} s"
         how += ", SHA-256 checked"
-    for f in pulled.files:
-        out.print(f"{pulled.repo_id}/{f.filename}  {f.path}", highlight=False, soft_wrap=True)
+    for f in result["files"]:
+        out.print(f"{f['name']}  {f['path']}", highlight=False, soft_wrap=True)
     out.print(f"{human_size(size)}, {how}", highlight=False)
+
+
+def _from_peers(url: str, ref: str, hub_next: bool) -> dict[str, Any] | None:
+    """The REF from paired peers, through the node running on this machine (it knows
+    them); None if no node runs or no peer has it: the Hub's turn, from here."""
+    from shoal.api.pull import PULL_PATH
+    from shoal.cli import client
+    from shoal.models.pull import PullProgress
+
+    body = {"model": ref, "source": "peers"}
+    try:
+        with _Bars() as bars:
+            # A holder hashes a file before it first serves it: minutes for a large one.
+            for line in client.post_lines(url, PULL_PATH, body, timeout=300.0):
+                status = line.get("status")
+                if status in ("downloading", "verifying"):
+                    bars.show(
+                        PullProgress(
+                            line["file"], line["completed"], line["total"], line["resumed"],
+                            line["rate_bps"], line["part"], line["parts"], status,
+                            line.get("sources"),
+                        )
+                    )  # fmt: skip
+                elif status == "success":
+                    return dict(line)
+                elif status == "error":
+                    message = line.get("error", {}).get("message", "the peers failed")
+                    if not hub_next:
+                        raise fail(message, EXIT_HUB)
+                    err.print(f"from peers: {message}; trying the Hub", highlight=False)
+                    return None
+    except (client.NodeUnreachable, client.NodeRefused):
+        return None  # no node here, or no peer advertises it
+    return None
 
 
 def _exit_code(error: ShoalError) -> int:

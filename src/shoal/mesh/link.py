@@ -40,6 +40,14 @@ class PeerLink:
     async def goodbye(self, node_id: str, timeout_s: float) -> None:
         await self._transport.post(GOODBYE_PATH, orjson.dumps({"node_id": node_id}), timeout_s)
 
+    async def file_manifest(self, sha256: str, timeout_s: float) -> object:
+        """The peer's manifest of the file `sha256` (`shoal.api.share`), unchecked JSON."""
+        return await self._transport.get_json(f"/shoal/v1/files/{sha256}/manifest", timeout_s)
+
+    async def file_range(self, sha256: str, first: int, last: int, timeout_s: float) -> bytes:
+        """Bytes `first`..`last` (inclusive, whole chunks) of the file `sha256`."""
+        return await self._transport.get_range(f"/shoal/v1/files/{sha256}", first, last, timeout_s)
+
     async def send(self, op: Operation, body: bytes) -> HttpUpstream:
         return await self._transport.send(op, body)
 

@@ -123,6 +123,7 @@ class PullProgress:
     file_index: int  # 1-based, of file_count (the parts of a split GGUF)
     file_count: int
     stage: Literal["downloading", "verifying"] = "downloading"
+    sources: int | None = None  # peers it comes from (a pull from peers); None: the Hub
 
     @property
     def eta_s(self) -> float | None:
