@@ -324,6 +324,21 @@ def test_a_withdrawn_advert_removes_nothing_but_makes_the_peer_due_at_once() -> 
     assert m.withdrawn("nobody", 2.2) == []
 
 
+def test_a_push_sent_before_a_goodbye_is_not_taken_after_it() -> None:
+    m = alive(Membership("me"), "a", 0.0)
+    assert m.accepts_snapshot("a", 4.0)
+    assert m.goodbye("a", 5.0) == [Event("left", "a")]
+    assert not m.accepts_snapshot("a", 5.1)  # a push that crossed the goodbye
+    assert not m.accepts_snapshot("a", 6.9)
+    assert m.accepts_snapshot("a", 7.0)  # Timing.left_quiet_s later: a new life
+    assert m.accepts_snapshot("stranger", 5.1)
+    # Removed by misses, not by its goodbye: its pushes count at once.
+    m = alive(Membership("me"), "b", 0.0)
+    for t in (5.0, 6.0, 7.0):
+        probe(m, "b", t, ok=False)
+    assert view(m, "b").state is PeerState.REMOVED and m.accepts_snapshot("b", 7.1)
+
+
 def test_a_heartbeat_sent_before_a_goodbye_cannot_bring_the_peer_back() -> None:
     m = alive(Membership("me"), "a", 0.0)
     assert m.due(5.0) == ["a"]  # heartbeat in flight...

@@ -122,6 +122,10 @@ class Timing:
     # partition can last a while; after six hours it is more likely gone for good, and a
     # sighting brings it back anyway): at most ~360 probes.
     rejoin_for_s: float = 6 * 3600.0
+    # After a peer's goodbye, snapshots it pushed before leaving may still arrive (another
+    # connection): for this long they are stale and ignored. A restarted node comes back
+    # by its announcement (a sighting) and our probe, never by a push alone this early.
+    left_quiet_s: float = 2.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -295,6 +299,16 @@ class Membership:
         if peer is None or peer.state is PeerState.REMOVED:
             return []
         return self._remove(peer, now, "left")
+
+    def accepts_snapshot(self, peer_id: str, now: float) -> bool:
+        """Whether a snapshot the peer pushed (not one we asked for) may count now: not in
+        the moments after its own goodbye, when it can only be one sent before it."""
+        peer = self._peers.get(peer_id)
+        if peer is None or not peer.left or peer.removed_at is None:
+            return True
+        return (
+            peer.state is not PeerState.REMOVED or now - peer.removed_at >= self.timing.left_quiet_s
+        )
 
     def withdrawn(self, peer_id: str, now: float) -> list[Event]:
         """Discovery saw the peer's advert withdrawn (anyone can forge that): check it now."""

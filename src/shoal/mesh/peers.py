@@ -146,6 +146,8 @@ class Peers:
     def received(self, state: NodeState, address: str) -> None:
         """A paired peer sent us its snapshot (its heartbeat or a push)."""
         now = time.monotonic()
+        if not self.membership.accepts_snapshot(state.node_id, now):
+            return  # sent before its goodbye, arriving after it
         self._apply(self.membership.sighted(state.node_id, address, now, "peer"))
         self._keep(state)
         self._apply(self.membership.heartbeat_succeeded(state.node_id, now))
