@@ -344,6 +344,7 @@ class Node:
         await self.managed.refresh()
         if self.catalog.models() and self.registry.get(self.managed.name) is None:
             self.registry.add(self.managed)
+        await self.shares.forget_removed()
 
     async def _lan(self) -> None:
         """LAN mode: mDNS, and one subnet scan if mDNS finds nobody soon enough."""

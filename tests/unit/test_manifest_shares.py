@@ -116,6 +116,21 @@ async def test_a_file_changed_after_it_was_verified_is_verified_again(
     assert shares.verifications == 2
 
 
+async def test_a_rescan_forgets_the_manifests_of_files_no_longer_held(
+    tmp_path: Path, blob: tuple[Path, str]
+) -> None:
+    path, sha = blob
+    catalog = FakeCatalog(_model(path, sha))
+    cache = ManifestCache(tmp_path / "m.json")
+    shares = Shares(catalog, cache, "paired")
+    await shares.served(sha)
+    await shares.forget_removed()  # still held: kept
+    assert ManifestCache(cache.path).cached(path) is not None
+    catalog._models.clear()  # the file left the catalog (removed, or its store dropped)
+    await shares.forget_removed()
+    assert ManifestCache(cache.path).cached(path) is None
+
+
 async def test_sharing_off_refuses_everything(tmp_path: Path, blob: tuple[Path, str]) -> None:
     path, sha = blob
     shares = Shares(FakeCatalog(_model(path, sha)), ManifestCache(tmp_path / "m.json"), "off")

@@ -90,6 +90,11 @@ class Shares:
                 fresh = await asyncio.to_thread(self._verify, sha256, model)
         return fresh
 
+    async def forget_removed(self) -> None:
+        """Drop the cached manifests of files no longer catalogued (after a rescan)."""
+        held = {str(model.path) for model in self._catalog.models()}
+        await asyncio.to_thread(self._cache.forget_missing, held)
+
     # -- blocking, in a thread ----------------------------------------------------------
 
     def _still_verified(self, sha256: str) -> Served | None:
