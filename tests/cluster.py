@@ -203,3 +203,25 @@ async def cluster(
                 task.cancel()
             for task in done:
                 task.result()  # a node that crashed fails the test
+
+
+@contextlib.asynccontextmanager
+async def model_node(home: Path, name: str, **models: Any) -> AsyncIterator[RunningNode]:
+    """One node in open mode with these `[models]` settings and its own store under
+    `home/name/hub` (other stores not adopted), stopped on exit."""
+    store = {"store": home / name / "hub", "adopt_ollama": False, "adopt_lmstudio": False}
+    settings = node_settings(home, name, "open", models={**store, **models})
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(Event, events.append)
+    node = Node(settings, bus)
+    member = RunningNode(node, FakeBackend(f"fake-{name}", ()), events)
+    node.registry.add(member.backend)
+    stop = asyncio.Event()
+    task = asyncio.create_task(node.run(stop))
+    try:
+        await wait_until(lambda: node.url, 10, f"{name} to listen")
+        yield member
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)

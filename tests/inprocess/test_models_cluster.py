@@ -9,44 +9,19 @@ retries by itself), then 200, served by a.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from shoal.events import Event, EventBus, ModelLoaded, ModelLoading, RequestFinished
-from shoal.node import Node
-from tests.cluster import FakeBackend, RunningNode, node_settings, wait_until
+from shoal.events import ModelLoaded, ModelLoading, RequestFinished
+from tests.cluster import model_node, wait_until
 from tests.conftest import llama_server_command, packaged_gguf
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(120)]
 
 MODEL = "smollm2-135m-instruct:q4_1"  # the catalog's name for the packaged file
-
-
-@contextlib.asynccontextmanager
-async def running(home: Path, name: str, models: dict[str, Any]) -> AsyncIterator[RunningNode]:
-    """One node in open mode with these `[models]` settings, stopped on exit."""
-    store = {"store": home / name / "hub", "adopt_ollama": False, "adopt_lmstudio": False}
-    settings = node_settings(home, name, "open", models={**store, **models})
-    bus = EventBus()
-    events: list[Event] = []
-    bus.subscribe(Event, events.append)
-    node = Node(settings, bus)
-    member = RunningNode(node, FakeBackend(f"fake-{name}", ()), events)
-    node.registry.add(member.backend)
-    stop = asyncio.Event()
-    task = asyncio.create_task(node.run(stop))
-    try:
-        await wait_until(lambda: node.url, 10, f"{name} to listen")
-        yield member
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
 
 
 async def test_a_model_only_on_as_disk_is_served_to_bs_client_by_a(tmp_path: Path) -> None:
@@ -56,8 +31,8 @@ async def test_a_model_only_on_as_disk_is_served_to_bs_client_by_a(tmp_path: Pat
     binary, _ = llama_server_command()
     a_models = {"folders": [folder], "llama_server": binary, "context": 1024, "parallel": 1}
     async with (
-        running(tmp_path, "a", a_models) as a,
-        running(tmp_path, "b", {"llama_server": binary}) as b,
+        model_node(tmp_path, "a", **a_models) as a,
+        model_node(tmp_path, "b", llama_server=binary) as b,
     ):
         await b.node.admission.meet(a.url, "join")
         await b.wait_for_model(MODEL)
@@ -115,7 +90,7 @@ async def test_a_hub_file_is_served_by_its_full_name_from_another_node(tmp_path:
              {packaged_gguf().name: packaged_gguf()})  # fmt: skip
     binary, _ = llama_server_command()
     a_models = {"llama_server": binary, "context": 1024, "parallel": 1}
-    async with running(tmp_path, "a", a_models) as a, running(tmp_path, "b", {}) as b:
+    async with model_node(tmp_path, "a", **a_models) as a, model_node(tmp_path, "b") as b:
         await b.node.admission.meet(a.url, "join")
         await b.wait_for_model(MODEL)
         (listed,) = [m for m in b.node.views.models(local_only=False)["data"] if m["id"] == MODEL]

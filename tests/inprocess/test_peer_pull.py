@@ -35,9 +35,9 @@ from shoal.models.peer_pull import (
     pull_from_peers,
 )
 from shoal.models.pull import repo_folder
-from tests.cluster import RunningNode, wait_until
+from tests.cluster import RunningNode, model_node, wait_until
 from tests.conftest import llama_server_command
-from tests.inprocess.test_share import REPO, running
+from tests.inprocess.test_share import REPO
 from tests.models import PACKAGED_NAME, hf_store, packaged_gguf, sha256_of
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -72,14 +72,14 @@ async def holders(tmp_path: Path, count: int) -> AsyncIterator[list[RunningNode]
         for index in range(1, count + 1):
             name = f"a{index}"
             hf_store(tmp_path / name / "hub", REPO, {gguf.name: gguf})
-            nodes.append(await stack.enter_async_context(running(tmp_path, name)))
+            nodes.append(await stack.enter_async_context(model_node(tmp_path, name)))
         yield nodes
 
 
 async def test_a_node_pulls_a_model_its_peer_holds_and_lists_it(tmp_path: Path) -> None:
     gguf = packaged_gguf()
     sha, size = sha256_of(gguf), gguf.stat().st_size
-    async with holders(tmp_path, 1) as (a,), running(tmp_path, "b") as b:
+    async with holders(tmp_path, 1) as (a,), model_node(tmp_path, "b") as b:
         await meet(a, b)
         async with (
             aiohttp.ClientSession() as session,
@@ -138,7 +138,7 @@ def blob_of(tmp_path: Path, name: str) -> Path:
 
 async def test_three_holders_are_all_used(tmp_path: Path) -> None:
     size = packaged_gguf().stat().st_size
-    async with holders(tmp_path, 3) as sources, running(tmp_path, "b") as b:
+    async with holders(tmp_path, 3) as sources, model_node(tmp_path, "b") as b:
         for a in sources:
             await meet(a, b)
         await wait_until(lambda: len(offer_of(b).peers) == 3, 15, "three holders")
@@ -166,7 +166,7 @@ async def test_a_source_flipping_a_bit_is_caught_and_dropped(
         return None
 
     monkeypatch.setattr(share, "_copy", flipping)
-    async with holders(tmp_path, 3) as sources, running(tmp_path, "b") as b:
+    async with holders(tmp_path, 3) as sources, model_node(tmp_path, "b") as b:
         for a in sources:
             await meet(a, b)
         await wait_until(lambda: len(offer_of(b).peers) == 3, 15, "three holders")
@@ -198,7 +198,7 @@ class Stalling:
 async def test_a_cancelled_pull_resumes(tmp_path: Path) -> None:
     gguf = packaged_gguf()
     size = gguf.stat().st_size
-    async with holders(tmp_path, 1) as (a,), running(tmp_path, "b") as b:
+    async with holders(tmp_path, 1) as (a,), model_node(tmp_path, "b") as b:
         await meet(a, b)
         offer = offer_of(b)
         (link,) = peer_sources(offer, b.node.peers.link).values()
@@ -225,7 +225,7 @@ async def test_a_cancelled_pull_resumes(tmp_path: Path) -> None:
 
 async def test_one_source_rate(tmp_path: Path) -> None:
     size = packaged_gguf().stat().st_size
-    async with holders(tmp_path, 1) as (a,), running(tmp_path, "b") as b:
+    async with holders(tmp_path, 1) as (a,), model_node(tmp_path, "b") as b:
         await meet(a, b)
         stats = await pull(b)
         print(f"1 source: {size / stats.seconds / 1e6:.0f} MB/s")
@@ -234,7 +234,7 @@ async def test_one_source_rate(tmp_path: Path) -> None:
 
 async def test_the_cli_pulls_from_peers_through_the_node(tmp_path: Path) -> None:
     gguf = packaged_gguf()
-    async with holders(tmp_path, 1) as (a,), running(tmp_path, "b") as b:
+    async with holders(tmp_path, 1) as (a,), model_node(tmp_path, "b") as b:
         await meet(a, b)
         port = int(b.url.rsplit(":", 1)[1])
         config = tmp_path / "b.toml"
@@ -324,7 +324,7 @@ async def test_a_file_with_no_hub_name_lands_where_the_catalog_finds_it(tmp_path
 async def test_the_pulled_model_answers_a_chat_request(tmp_path: Path) -> None:
     binary, _ = llama_server_command()
     engine = {"llama_server": binary, "context": 1024, "parallel": 1}
-    async with holders(tmp_path, 1) as (a,), running(tmp_path, "b", **engine) as b:
+    async with holders(tmp_path, 1) as (a,), model_node(tmp_path, "b", **engine) as b:
         await meet(a, b)
         await pull(b)
         await b.node.refresh_models()

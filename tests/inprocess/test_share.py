@@ -11,44 +11,20 @@ import shutil
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from shoal.events import Event, EventBus
 from shoal.models.manifest import CACHE_FILE, CHUNK_BYTES
-from shoal.node import Node
 from shoal.trust import certs
-from tests.cluster import FakeBackend, RunningNode, node_settings, wait_until
+from tests.cluster import RunningNode, model_node, wait_until
 from tests.models import PACKAGED_NAME, hf_store, packaged_gguf, sha256_of
 
 pytestmark = [pytest.mark.timeout(120)]
 
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
 MiB = CHUNK_BYTES
-
-
-@contextlib.asynccontextmanager
-async def running(home: Path, name: str, **models: Any) -> AsyncIterator[RunningNode]:
-    """One node in open mode with its own store under `home/name/hub`, stopped on exit."""
-    store = {"store": home / name / "hub", "adopt_ollama": False, "adopt_lmstudio": False}
-    settings = node_settings(home, name, "open", models={**store, **models})
-    bus = EventBus()
-    events: list[Event] = []
-    bus.subscribe(Event, events.append)
-    node = Node(settings, bus)
-    member = RunningNode(node, FakeBackend(f"fake-{name}", ()), events)
-    node.registry.add(member.backend)
-    stop = asyncio.Event()
-    task = asyncio.create_task(node.run(stop))
-    try:
-        await wait_until(lambda: node.url, 10, f"{name} to listen")
-        yield member
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
 
 
 @contextlib.asynccontextmanager
@@ -81,7 +57,7 @@ async def test_a_paired_peer_gets_the_manifest_and_byte_ranges_of_a_held_file(
     sha = sha256_of(gguf)
     size = gguf.stat().st_size
     hf_store(tmp_path / "a" / "hub", REPO, {gguf.name: gguf})
-    async with running(tmp_path, "a") as a, running(tmp_path, "b") as b:
+    async with model_node(tmp_path, "a") as a, model_node(tmp_path, "b") as b:
         await paired(a, b)
         # a advertises the file's hash with the model.
         (advert,) = [
@@ -155,7 +131,7 @@ async def test_lan_clients_and_unpaired_nodes_get_nothing(tmp_path: Path) -> Non
     gguf = packaged_gguf()
     sha = sha256_of(gguf)
     hf_store(tmp_path / "a" / "hub", REPO, {gguf.name: gguf})
-    async with running(tmp_path, "a") as a, running(tmp_path, "c") as c:
+    async with model_node(tmp_path, "a") as a, model_node(tmp_path, "c") as c:
         await wait_until(lambda: a.node.catalog.models(), 10, "a to list its model")
         # The API port: refused by the access decision, whoever asks.
         async with aiohttp.ClientSession() as session:
@@ -178,7 +154,7 @@ async def test_sharing_off_refuses_paired_peers(tmp_path: Path) -> None:
     gguf = packaged_gguf()
     sha = sha256_of(gguf)
     hf_store(tmp_path / "a" / "hub", REPO, {gguf.name: gguf})
-    async with running(tmp_path, "a", share="off") as a, running(tmp_path, "b") as b:
+    async with model_node(tmp_path, "a", share="off") as a, model_node(tmp_path, "b") as b:
         await paired(a, b)
         async with peer_session(b, a) as (session, base):
             for path in (f"/shoal/v1/files/{sha}/manifest", f"/shoal/v1/files/{sha}"):
@@ -193,7 +169,7 @@ async def test_a_same_size_damaged_file_is_never_served_under_its_hash(tmp_path:
     sha = sha256_of(copy)
     snapshot = hf_store(tmp_path / "a" / "hub", REPO, {copy.name: copy})
     blob = (snapshot / copy.name).resolve()
-    async with running(tmp_path, "a") as a, running(tmp_path, "b") as b:
+    async with model_node(tmp_path, "a") as a, model_node(tmp_path, "b") as b:
         await b.node.admission.meet(a.url, "join")
         await wait_until(lambda: a.node.catalog.models(), 10, "a to list the copy")
         async with peer_session(b, a) as (session, base):
