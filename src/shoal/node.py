@@ -66,6 +66,7 @@ from shoal.mesh.mdns import MdnsDiscovery, advertised_addresses
 from shoal.mesh.peers import Peers
 from shoal.mesh.state import local_hardware
 from shoal.models.catalog import Catalog, ModelCatalog
+from shoal.models.downloads import Downloads
 from shoal.models.manifest import ManifestCache
 from shoal.models.stores import store_dir
 from shoal.process import install_accept_error_handler, open_file_limit, raise_fd_limit
@@ -145,6 +146,9 @@ class Node:
         )
         # Our snapshot introduces our peers; theirs introduce theirs, met through admission.
         self.own_state.introductions = self.peers.introductions
+        # Files being pulled from peers: advertised, and served chunk by chunk meanwhile.
+        self.downloads = Downloads(self.peers.changed)
+        self.own_state.files = self.downloads.adverts
         self.introducer = Introducer(self.peers, self.admission.sighted)
         self.scanner = scan.Scanner(
             lambda url: self.admission.meet(url, "scan", timeout_s=1.5),
@@ -200,10 +204,17 @@ class Node:
         app[services.SCANNER] = self.scanner
         app[services.MANAGED] = self.managed
         app[pull.PULLS] = pull.Pulls(
-            store_dir(settings.models), self.bus, self.refresh_models, peers=self.peers
+            store_dir(settings.models),
+            self.bus,
+            self.refresh_models,
+            peers=self.peers,
+            downloads=self.downloads,
         )
         self.shares = app[share.SHARES] = share.Shares(
-            self.catalog, ManifestCache.in_data_dir(settings.data_dir), settings.models.share
+            self.catalog,
+            ManifestCache.in_data_dir(settings.data_dir),
+            settings.models.share,
+            self.downloads,
         )
         app[services.LIMITS] = settings.limits
         return app

@@ -27,12 +27,16 @@ from shoal.models.peer_pull import (
     PEER_SNAPSHOT,
     PEERS_REPO,
     FileSource,
+    Holding,
     PeerOffer,
     PeerPullFailed,
     PeerPullStatistics,
     find_offer,
     peer_sources,
     pull_from_peers,
+)
+from shoal.models.peer_pull import (
+    holders as holders_of,
 )
 from shoal.models.pull import repo_folder
 from tests.cluster import RunningNode, model_node, wait_until
@@ -174,6 +178,80 @@ async def test_a_source_flipping_a_bit_is_caught_and_dropped(
         assert stats.dropped == (sources[0].node_id,)
         assert stats.bad_chunks >= 3
         assert blob_of(tmp_path, "b").read_bytes() == packaged_gguf().read_bytes()
+
+
+async def test_two_pullers_of_one_seed_fetch_from_each_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node still pulling a file serves the chunks it has (a swarm, not a star): the
+    seed serves one request at a time, slowly, so the second puller starts while the
+    first is midway and takes part of the file from it."""
+    copy = share._copy
+    seed = str(tmp_path / "a1")
+    one_at_a_time = asyncio.Lock()
+
+    async def slow_seed(file: Any, byte_range: ByteRange, response: Any) -> None:
+        if not file.name.startswith(seed):
+            return await copy(file, byte_range, response)
+        async with one_at_a_time:
+            await asyncio.sleep(0.04 * byte_range.chunks)  # about 25 MiB/s in all
+            return await copy(file, byte_range, response)
+
+    monkeypatch.setattr(share, "_copy", slow_seed)
+    gguf = packaged_gguf()
+    async with (
+        holders(tmp_path, 1) as (a,),
+        model_node(tmp_path, "b") as b,
+        model_node(tmp_path, "c") as c,
+    ):
+        await meet(a, b)
+        await meet(a, c)
+        await c.node.admission.meet(b.url, "join")
+        await wait_until(
+            lambda: any(p.view.peer_id == b.node_id for p in c.node.peers.routable()),
+            15,
+            "c to see b",
+        )
+
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.create_task(
+                session.post(
+                    b.url + "/shoal/v1/models/pull", json={"model": PACKAGED_NAME, "stream": False}
+                )
+            )
+            await wait_until(
+                lambda: any(
+                    p.state is not None and p.state.files and len(p.state.files[0].chunks()) >= 8
+                    for p in c.node.peers.routable()
+                    if p.view.peer_id == b.node_id
+                ),
+                60,
+                "b to advertise 8 chunks of the file it is pulling",
+            )
+            offer = offer_of(c)
+            assert offer.peers == (a.node_id,)  # b holds none of it whole
+            found: list[PeerPullStatistics] = []
+
+            def directory() -> dict[str, Holding]:
+                routable = c.node.peers.routable()
+                return holders_of(
+                    (p.state for p in routable if p.state), offer.sha256, c.node.peers.link
+                )
+
+            store = c.node.settings.models.store
+            assert store is not None
+            await pull_from_peers(
+                offer, Path(store), peer_sources(offer, c.node.peers.link), directory=directory,
+                downloads=c.node.downloads, statistics=found.append,
+            )  # fmt: skip
+            async with await first as response:
+                assert response.status == 200, await response.text()
+        (stats,) = found
+        print(f"c's chunks by source: {stats.by_source}")
+        assert stats.by_source.get(b.node_id, 0) > 0, stats.by_source
+        assert blob_of(tmp_path, "c").read_bytes() == gguf.read_bytes()
+        assert blob_of(tmp_path, "b").read_bytes() == gguf.read_bytes()
+        assert not c.node.downloads.adverts() and not b.node.downloads.adverts()
 
 
 class Stalling:

@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from shoal.mesh import identity
 from shoal.mesh.scan import scan_targets
 from shoal.mesh.state import (
+    MAX_FILES,
     MAX_INTRODUCTIONS,
+    FileAdvert,
     Hardware,
     Introduction,
     Load,
@@ -50,7 +52,11 @@ def sample() -> NodeState:
             Introduction("cd" * 32, "http://10.0.0.3:11450"),
             Introduction("ef" * 32, "http://[fd00::4]:11450"),
         ),
+        files=(FileAdvert.of("12" * 32, 10 * MiB + 1, MiB, (0, 3, 10)),),
     )
+
+
+MiB = 1 << 20
 
 
 def test_round_trip() -> None:
@@ -126,6 +132,39 @@ PEER = {"node_id": "cd" * 32, "address": "http://10.0.0.3:11450"}
 def test_malformed_introductions_are_refused(peers: object) -> None:
     document = orjson.loads(sample().encode())
     document["peers"] = peers
+    with pytest.raises(ProtocolError):
+        decode(_dumps(document))
+
+
+def test_a_file_being_pulled_says_which_chunks_it_holds() -> None:
+    (file,) = decode(sample().encode()).files
+    assert file.chunks() == {0, 3, 10} and file.have == bytes([0b10010000, 0b00100000])
+    # Bits past the last chunk (padding) name nothing.
+    assert FileAdvert("12" * 32, 9 * MiB, MiB, b"\x00\xff").chunks() == {8}
+    assert FileAdvert.of("12" * 32, 0, MiB, ()).have == b""
+
+
+FILE = {"sha256": "12" * 32, "size": 3 * MiB, "chunk_bytes": MiB, "have": "gA=="}
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"x": FILE},
+        [FILE] * (MAX_FILES + 1),
+        [{**FILE, "extra": 1}],
+        [{**FILE, "sha256": "../../etc/passwd"}],
+        [{**FILE, "size": -1}],
+        [{**FILE, "size": 1 << 60}],
+        [{**FILE, "chunk_bytes": 0}],
+        [{**FILE, "have": "gAAA"}],  # 3 bytes for 3 chunks: one is enough
+        [{**FILE, "have": "not base64!"}],
+        [{**FILE, "have": 128}],
+    ],
+)
+def test_malformed_files_are_refused(files: object) -> None:
+    document = orjson.loads(sample().encode())
+    document["files"] = files
     with pytest.raises(ProtocolError):
         decode(_dumps(document))
 

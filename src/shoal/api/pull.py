@@ -12,6 +12,10 @@ dashboard (this machine's operator only: it makes the node download and write).
               {"status": "error", "error": {"message", "type", "code"}}  last
     "stream": false waits and answers the success object alone.
 
+A file fetched from peers adds how each peer did to the success object (`peers`:
+{"sources": {node_id: chunks accepted}, "dropped": [node_id], "bad_chunks",
+"resumed_chunks", "fetched_bytes"}, from `PeerPullStatistics`).
+
 Errors found before the first byte moves (a bad REF, no such repo or file, offline,
 not enough disk space) are the usual error answers with their HTTP status. A caller
 that goes away cancels its pull; what was downloaded stays for the next one to resume.
@@ -45,10 +49,13 @@ from shoal.models.pull_refs import HubRef, check_revision, parse_ref
 
 if TYPE_CHECKING:
     from shoal.mesh.peers import Peers
-    from shoal.models.peer_pull import PeerOffer
+    from shoal.models.downloads import Downloads
+    from shoal.models.peer_pull import Holding, PeerOffer, PeerPullStatistics
     from shoal.models.pull import Hub, Pulled, PullProgress
 
 log = logging.getLogger(__name__)
+
+Statistics = Callable[["PeerPullStatistics"], None]  # told how each peer did in a pull
 
 PULL_PATH = "/shoal/v1/models/pull"
 # Seconds between two progress events of one pull: a dashboard redraws at this pace,
@@ -65,6 +72,7 @@ class Pulls:
         *,
         hub: Callable[[], Hub] | None = None,
         peers: Peers | None = None,
+        downloads: Downloads | None = None,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
     ) -> None:
         self.store = store
@@ -72,6 +80,7 @@ class Pulls:
         self.refresh = refresh  # the node's: rescan the stores, list what was pulled
         self._hub = hub
         self._peers = peers  # paired peers: asked first for a file they advertise
+        self._downloads = downloads  # what this node serves of the files it pulls
         self._interval = progress_interval_s
         self._ids = itertools.count(1)
 
@@ -84,7 +93,7 @@ class Pulls:
         return find_offer((p.state for p in self._peers.routable() if p.state), model)
 
     async def run_named(
-        self, model: str, revision: str
+        self, model: str, revision: str, statistics: Statistics | None = None
     ) -> AsyncGenerator[PullProgress | Pulled, None]:
         """`model` from the peers that advertise it, else (or if they fail) from the Hub."""
         from shoal.models.peer_pull import PeerPullFailed
@@ -92,7 +101,7 @@ class Pulls:
         offer = self.offer(model)
         if offer is not None:
             try:
-                async for item in self.run_peers(offer):
+                async for item in self.run_peers(offer, statistics):
                     yield item
                 return
             except PeerPullFailed as exc:
@@ -106,18 +115,28 @@ class Pulls:
         async for item in self.run(ref, revision):
             yield item
 
-    async def run_peers(self, offer: PeerOffer) -> AsyncGenerator[PullProgress | Pulled, None]:
+    async def run_peers(
+        self, offer: PeerOffer, statistics: Statistics | None = None
+    ) -> AsyncGenerator[PullProgress | Pulled, None]:
         """The pull of `offer` from the peers holding it: progress, then what was pulled.
         Leaving the iteration early cancels it (what was verified stays for a resume)."""
-        from shoal.models.peer_pull import peer_sources, pull_from_peers
+        from shoal.models.peer_pull import holders, peer_sources, pull_from_peers
 
-        assert self._peers is not None
+        peers = self._peers
+        assert peers is not None
         pull_id = next(self._ids)
         updates: asyncio.Queue[PullProgress] = asyncio.Queue()
-        sources = peer_sources(offer, self._peers.link)
+        sources = peer_sources(offer, peers.link)
+
+        def directory() -> dict[str, Holding]:  # peers with it, or pulling it too
+            return holders((p.state for p in peers.routable() if p.state), offer.sha256, peers.link)
+
         task = asyncio.create_task(
-            pull_from_peers(offer, self.store, sources, on_progress=updates.put_nowait)
-        )
+            pull_from_peers(
+                offer, self.store, sources, directory=directory, downloads=self._downloads,
+                on_progress=updates.put_nowait, statistics=statistics,
+            )
+        )  # fmt: skip
         outcome: tuple[str | None, str] | None = ("cancelled", "the pull was cancelled")
         try:
             while True:
@@ -265,14 +284,15 @@ async def pull_model(request: web.Request) -> web.StreamResponse:
     # other must be a Hub REF, checked before anything starts. "peers": from them only
     # (the CLI, which pulls from the Hub itself, with its own environment).
     offer = pulls.offer(model) if isinstance(model, str) else None
+    found: list[PeerPullStatistics] = []  # how each peer did, for the success object
     if source == "peers":
         if offer is None:
             raise ModelNotFound(f"no paired peer advertises {model!r}", code="not_on_peers")
-        updates = pulls.run_peers(offer)
+        updates = pulls.run_peers(offer, found.append)
     elif offer is None:
         updates = pulls.run(parse_ref(model), revision)
     else:
-        updates = pulls.run_named(model, revision)
+        updates = pulls.run_named(model, revision, found.append)
     try:
         # The first update before any byte of the answer: what fails while resolving
         # the REF or checking the disk is an ordinary error answer with its status.
@@ -280,15 +300,15 @@ async def pull_model(request: web.Request) -> web.StreamResponse:
         if not stream:
             async for later in updates:
                 update = later  # the last one is the result
-            return web.Response(body=_line(update), content_type="application/json")
+            return web.Response(body=_line(update, found), content_type="application/json")
         response = web.StreamResponse(
             headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
         try:
-            await response.write(_line(update))
+            await response.write(_line(update, found))
             async for update in updates:
-                await response.write(_line(update))
+                await response.write(_line(update, found))
         except ShoalError as exc:
             error = orjson.loads(error_body(exc))
             await response.write(orjson.dumps({"status": "error", **error}) + b"\n")
@@ -300,7 +320,7 @@ async def pull_model(request: web.Request) -> web.StreamResponse:
         await updates.aclose()
 
 
-def _line(update: PullProgress | Pulled) -> bytes:
+def _line(update: PullProgress | Pulled, peers: list[PeerPullStatistics]) -> bytes:
     from shoal.models.pull import PullProgress
 
     if isinstance(update, PullProgress):
@@ -319,4 +339,13 @@ def _line(update: PullProgress | Pulled) -> bytes:
             document["sources"] = update.sources
     else:
         document = {"status": "success", **update.to_json()}
+        if peers:  # fetched from peers: how each did
+            stats = peers[-1]
+            document["peers"] = {
+                "sources": dict(stats.by_source),
+                "dropped": list(stats.dropped),
+                "bad_chunks": stats.bad_chunks,
+                "resumed_chunks": stats.resumed_chunks,
+                "fetched_bytes": stats.fetched_bytes,
+            }
     return orjson.dumps(document) + b"\n"

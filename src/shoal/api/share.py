@@ -16,6 +16,11 @@ manifest has computed) and re-verifies it before it first serves it: the whole f
 is hashed again in a thread, against the cached manifest and the upstream hash, so a
 file damaged at the same size is never served under its hash. Concurrent first
 requests for one file wait for one verification; later ones only stat the file.
+
+A file this node is still pulling (`shoal.models.downloads`) is served too: its manifest,
+and ranges made only of the chunks it holds, each checked against the manifest before it
+was written; a range with a chunk it lacks is 416. Peers ask only for the chunks this
+node's snapshot says it holds.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from aiohttp import web
 
 from shoal.errors import Forbidden, InvalidRequest, NotFound, RangeNotSatisfiable
 from shoal.models.catalog import Catalog, LocalModel
+from shoal.models.downloads import Downloads
 from shoal.models.manifest import (
     CHUNK_BYTES,
     ByteRange,
@@ -55,18 +61,23 @@ FILE_MANIFEST_PATH = "/shoal/v1/files/{sha256}/manifest"
 class Served:
     path: Path
     manifest: Manifest
-    key: CacheKey  # the file's key when it was verified
+    key: CacheKey | None  # the file's key when it was verified; None: still downloading
 
 
 class Shares:
     """The files this node holds, by SHA-256, verified before they are served."""
 
     def __init__(
-        self, catalog: Catalog, cache: ManifestCache, policy: Literal["off", "paired"]
+        self,
+        catalog: Catalog,
+        cache: ManifestCache,
+        policy: Literal["off", "paired"],
+        downloads: Downloads | None = None,
     ) -> None:
         self._catalog = catalog
         self._cache = cache
         self.policy = policy
+        self.downloads = downloads or Downloads()
         self._verified: dict[str, Served] = {}
         self._damaged: dict[str, CacheKey] = {}  # refused until the file changes
         self._locks: dict[str, asyncio.Lock] = {}
@@ -82,6 +93,9 @@ class Shares:
             return fresh
         model = await asyncio.to_thread(self._holder, sha256)
         if model is None:
+            downloading = self.downloads.get(sha256)
+            if downloading is not None:  # still pulling it: the chunks it has
+                return Served(downloading.path, downloading.manifest, None)
             raise NotFound("this node holds no file with that SHA-256", code="file_not_found")
         lock = self._locks.setdefault(sha256, asyncio.Lock())  # bounded: held files only
         async with lock:  # the first requests wait for one verification
@@ -185,9 +199,14 @@ async def file_range(request: web.Request) -> web.StreamResponse:
         byte_range = parse_range(request.headers.get("Range"), size)
     except RangeError as exc:
         raise RangeNotSatisfiable(str(exc), size=size) from None
-    file = await asyncio.to_thread(served.path.open, "rb")
+    if served.key is None:
+        _check_held(request.app[SHARES].downloads, sha256, byte_range)
     try:
-        if cache_key(served.path, os.fstat(file.fileno())) != served.key:
+        file = await asyncio.to_thread(served.path.open, "rb")
+    except FileNotFoundError:  # a download just finished or was given up
+        raise NotFound("that file changed; ask again", code="file_not_found") from None
+    try:
+        if served.key is not None and cache_key(served.path, os.fstat(file.fileno())) != served.key:
             raise NotFound("that file changed; ask again", code="file_not_found")
         response = web.StreamResponse(
             status=206,
@@ -212,6 +231,19 @@ async def file_range(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         file.close()
+
+
+def _check_held(downloads: Downloads, sha256: str, byte_range: ByteRange) -> None:
+    """A range of a file still downloading must be made of chunks this node holds."""
+    downloading = downloads.get(sha256)
+    if downloading is None:
+        raise NotFound("that file changed; ask again", code="file_not_found")
+    wanted = range(byte_range.first_chunk, byte_range.first_chunk + byte_range.chunks)
+    if not downloading.have.issuperset(wanted):
+        raise RangeNotSatisfiable(
+            "this node is still pulling that file and holds only some of those chunks",
+            size=downloading.manifest.size,
+        )
 
 
 async def _copy(file: BinaryIO, byte_range: ByteRange, response: web.StreamResponse) -> None:

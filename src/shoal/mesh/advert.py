@@ -1,5 +1,6 @@
 """What this node tells its peers about itself: a fresh state snapshot on demand,
-with the peers it introduces (`introductions`, wired by the node to `Peers`)."""
+with the peers it introduces (`introductions`, wired by the node to `Peers`) and the
+files it is pulling (`files`, wired to `Downloads`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable
 
 from shoal import __version__
 from shoal.backends.registry import BackendRegistry
-from shoal.mesh.state import Hardware, Introduction, Load, ModelAdvert, NodeState
+from shoal.mesh.state import FileAdvert, Hardware, Introduction, Load, ModelAdvert, NodeState
 from shoal.routing.ledger import LoadLedger
 
 
@@ -33,6 +34,7 @@ class OwnState:
         self._seq = 0
         self._started = time.monotonic()
         self.introductions: Callable[[], tuple[Introduction, ...]] = tuple
+        self.files: Callable[[], tuple[FileAdvert, ...]] = tuple  # files being pulled
 
     def snapshot(self) -> NodeState:
         """Models held (loaded wins over available), load as the ledger counts it."""
@@ -65,4 +67,6 @@ class OwnState:
             ),
             hardware=self.hardware,
             peers=self.introductions(),
+            files=self.files(),
+            clock=time.time(),
         )

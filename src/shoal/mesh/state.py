@@ -5,15 +5,20 @@ busy it is (in flight, queued, capacity), what it runs on (hardware) and since w
 and whom it knows: its live peers and the API address it reaches each at, so that a
 mesh found piecemeal (one node's scan reaching the others) completes itself
 (`shoal.mesh.introductions`). `seq` grows with every change, so a receiver keeps only
-the newest it has seen. Decoding checks every field: a peer's bytes are input like any
-other.
+the newest it has seen. It also lists the model files the node is still pulling, each
+with a have-bitmap of the chunks it holds verified, so that peers pulling the same file
+fetch those chunks from it too (`shoal.models.downloads`). Decoding checks every field:
+a peer's bytes are input like any other.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,10 @@ MAX_NAME_CHARS = 64
 #: Peers one snapshot introduces: a mesh larger than this is introduced in turns.
 MAX_INTRODUCTIONS = 64
 _INTRODUCTION_KEYS = frozenset({"node_id", "address"})
+#: Files still downloading, in one snapshot: a node pulls a few at a time.
+MAX_FILES = 8
+_FILE_KEYS = frozenset({"sha256", "size", "chunk_bytes", "have"})
+_MAX_FILE_BYTES = 1 << 44  # 16 TiB: a bitmap of at most 2 MiB at 1 MiB chunks
 
 
 class ProtocolError(ValueError):
@@ -56,6 +65,40 @@ class ModelAdvert:
 
     def answers_to(self, name: str) -> bool:
         return name == self.id or name in self.aliases
+
+
+@dataclass(frozen=True, slots=True)
+class FileAdvert:
+    """A model file this node is still pulling: the chunks it holds, verified, which it
+    serves to peers pulling the same file (`have`: bit i of byte i // 8, most
+    significant first, set when chunk i is held)."""
+
+    sha256: str
+    size: int
+    chunk_bytes: int
+    have: bytes
+
+    @classmethod
+    def of(cls, sha256: str, size: int, chunk_bytes: int, chunks: Iterable[int]) -> FileAdvert:
+        bitmap = bytearray(-(-_chunk_count(size, chunk_bytes) // 8))
+        for index in chunks:
+            bitmap[index >> 3] |= 0x80 >> (index & 7)
+        return cls(sha256, size, chunk_bytes, bytes(bitmap))
+
+    def chunks(self) -> frozenset[int]:
+        """The chunks held (a padding bit past the last chunk names none)."""
+        count = _chunk_count(self.size, self.chunk_bytes)
+        return frozenset(
+            index
+            for i, byte in enumerate(self.have)
+            if byte
+            for bit in range(8)
+            if byte & (0x80 >> bit) and (index := (i << 3) + bit) < count
+        )
+
+
+def _chunk_count(size: int, chunk_bytes: int) -> int:
+    return -(-size // chunk_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +143,10 @@ class NodeState:
     load: Load = field(default_factory=Load)
     hardware: Hardware = field(default_factory=Hardware)
     peers: tuple[Introduction, ...] = ()
+    files: tuple[FileAdvert, ...] = ()  # files being pulled, with the chunks held
+    # The sender's wall clock (Unix seconds) as it made the snapshot: receivers measure
+    # the skew between clocks (`shoal doctor`). None from nodes that do not send it.
+    clock: float | None = None
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -125,8 +172,19 @@ class NodeState:
                     "vram_bytes": self.hardware.vram_bytes,
                 },
                 "peers": [{"node_id": p.node_id, "address": p.address} for p in self.peers],
+                **({"files": [_file_dict(f) for f in self.files]} if self.files else {}),
+                **({"clock": self.clock} if self.clock is not None else {}),
             }
         )
+
+
+def _file_dict(file: FileAdvert) -> dict[str, Any]:
+    return {
+        "sha256": file.sha256,
+        "size": file.size,
+        "chunk_bytes": file.chunk_bytes,
+        "have": base64.b64encode(file.have).decode(),
+    }
 
 
 def _model_dict(model: ModelAdvert) -> dict[str, Any]:
@@ -181,7 +239,33 @@ def decode(raw: bytes) -> NodeState:
             vram_bytes=_optional_int(hardware, "vram_bytes"),
         ),
         peers=_introductions(doc.get("peers", [])),
+        files=_files(doc.get("files", [])),
+        clock=None if doc.get("clock") is None else _number(doc, "clock"),
     )
+
+
+def _files(value: object) -> tuple[FileAdvert, ...]:
+    """The "files" list: at most MAX_FILES files being pulled, each exactly a SHA-256, a
+    size, a chunk size and a have-bitmap of exactly the file's chunk count."""
+    if not isinstance(value, list) or len(value) > MAX_FILES:
+        raise ProtocolError(f"files must be a list of at most {MAX_FILES}")
+    found = []
+    for entry in value:
+        if not isinstance(entry, dict) or entry.keys() != _FILE_KEYS:
+            raise ProtocolError("a file is an object of sha256, size, chunk_bytes and have")
+        sha256 = _sha256(entry)
+        size = _int(entry, "size", 0, _MAX_FILE_BYTES)
+        chunk_bytes = _int(entry, "chunk_bytes", 1 << 16, 1 << 26)
+        have = entry["have"]
+        expected = -(-_chunk_count(size, chunk_bytes) // 8)
+        try:
+            bitmap = base64.b64decode(have, validate=True) if isinstance(have, str) else None
+        except binascii.Error:
+            bitmap = None
+        if sha256 is None or bitmap is None or len(bitmap) != expected:
+            raise ProtocolError("a file's have must be base64 of one bit per chunk")
+        found.append(FileAdvert(sha256, size, chunk_bytes, bitmap))
+    return tuple(found)
 
 
 def _node_id(value: object) -> str:

@@ -8,19 +8,25 @@ the blob (so a Hub pull and this one never write one blob at once):
 1. asks the sources in turn for the file's manifest and keeps the first that names the
    SHA-256 asked for and fits (`Manifest.from_wire`: chunk count, hash syntax);
 2. opens a `Partial` (`blobs/<sha256>.incomplete` and its have-bitmap: a resume keeps
-   what an earlier pull verified) and a `Swarm` told what it already has; every source
-   holds every chunk (peers advertise complete files only, for now);
+   what an earlier pull verified) and a `Swarm` told what it already has, and registers
+   the file in `Downloads`: this node serves the chunks it has to peers pulling the
+   same file, and its snapshot says which (`FileAdvert`);
 3. loops: `next_requests` → one task per request, a Range GET over the peer's mTLS
    link with its own timeout; each answer goes to the writer thread, which checks every
    chunk against the manifest as it writes it (`Partial.write`: a bad one writes
    nothing), and the verdicts go back to the swarm (`delivered` / `failed`), whose
-   `Delivery.cancel` aborts duplicates answered elsewhere and a dropped source's rest;
+   `Delivery.cancel` aborts duplicates answered elsewhere and a dropped source's rest.
+   Every REFRESH_S the `directory` (the peers' latest snapshots) is read again: peers
+   that began holding the file are added as sources, those still pulling it report
+   the chunks they gained (`Swarm.have`), and those gone are removed;
 4. when every chunk is in, `finish()` (fsync, whole-file SHA-256, rename, fsync the
    folder), then the snapshot link the catalog finds (`layout`).
 
-A swarm with nothing left to ask (`stalled`: every source gone or dropped) fails with
-`PeerPullFailed`; the caller falls back to the Hub. Everything blocking (the lock,
-hashing, writes) runs in one worker thread, in order: `Partial` is not thread-safe.
+A swarm with nothing left to ask fails with `PeerPullFailed` (the caller falls back to
+the Hub) when no live source is left, or when the only ones left are peers still
+pulling the file themselves and none gained a chunk this pull lacks for
+STALL_TIMEOUT_S. Everything blocking (the lock, hashing, writes) runs in one worker
+thread, in order: `Partial` is not thread-safe.
 
 Layout. A file a peer names `org/repo/path/file.gguf` (a Hub file: its alias) goes where
 the Hub pull would put it: `models--org--repo/blobs/<sha256>`, linked from
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -47,6 +54,7 @@ from filelock import BaseFileLock, FileLock, Timeout
 from shoal.backends.http import PROBE_ERRORS
 from shoal.errors import ChecksumMismatch, ShoalError, UpstreamFailed
 from shoal.mesh.state import ModelAdvert, NodeState
+from shoal.models.downloads import Downloads
 from shoal.models.manifest import Manifest, ManifestError
 from shoal.models.partial import Partial
 from shoal.models.pull import Pulled, PulledFile, PullProgress, _link, repo_folder
@@ -62,6 +70,11 @@ MANIFEST_TIMEOUT_S: Final = 120.0
 #: slower than that is better dropped.
 REQUEST_TIMEOUT_S: Final = 30.0
 PROGRESS_INTERVAL_S: Final = 0.25
+#: Seconds between two readings of the peers' snapshots for new sources and chunks
+#: (a peer pushes its snapshot at most every `mesh.push_min_interval_s`).
+REFRESH_S: Final = 0.5
+#: Seconds a pull waits, with nothing to ask, for peers still pulling to gain a chunk.
+STALL_TIMEOUT_S: Final = 30.0
 PEER_SNAPSHOT: Final = "shoal-peer"  # snapshots/<this>/ for a Hub file from a peer
 PEERS_REPO: Final = "shoal/peers"  # the repo of files with no known Hub repo
 _SPLIT_PART = re.compile(r"-\d{5}-of-\d{5}\.gguf$")  # one part of a split GGUF: the Hub's
@@ -87,6 +100,17 @@ class FileSource(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Holding:
+    """A peer with a file: all of it (`chunks` None) or, still pulling it, those chunks."""
+
+    source: FileSource
+    chunks: frozenset[int] | None = None
+
+
+Directory = Callable[[], Mapping[str, Holding]]
+
+
+@dataclass(frozen=True, slots=True)
 class PeerOffer:
     """A file the paired peers hold, for a name asked for."""
 
@@ -108,6 +132,26 @@ def find_offer(states: Iterable[NodeState], name: str) -> PeerOffer | None:
                 holders = tuple(s.node_id for s in states if any(m.sha256 == sha for m in s.models))
                 return PeerOffer(name, sha, model, holders)
     return None
+
+
+def holders(
+    states: Iterable[NodeState], sha256: str, link: Callable[[str], FileSource]
+) -> dict[str, Holding]:
+    """The peers holding the file `sha256`: those advertising it as a model (all of it),
+    and those pulling it, with the chunks their snapshot says they hold."""
+    found: dict[str, Holding] = {}
+    for state in states:
+        chunks: frozenset[int] | None = None
+        if not any(m.sha256 == sha256 for m in state.models):
+            file = next((f for f in state.files if f.sha256 == sha256), None)
+            if file is None:
+                continue
+            chunks = file.chunks()
+        try:
+            found[state.node_id] = Holding(link(state.node_id), chunks)
+        except KeyError:
+            continue  # no longer in the table
+    return found
 
 
 def _means(model: ModelAdvert, name: str) -> bool:
@@ -165,12 +209,16 @@ async def pull_from_peers(
     store: Path,
     sources: Mapping[str, FileSource],
     *,
+    directory: Directory | None = None,
+    downloads: Downloads | None = None,
     on_progress: Progress | None = None,
     tuning: Tuning | None = None,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
     statistics: Callable[[PeerPullStatistics], None] | None = None,
 ) -> Pulled:
-    """Pull `offer` from `sources` into `store` and link it where the catalog looks."""
+    """Pull `offer` from `sources` (peers holding all of it) and whatever `directory`
+    names as it changes, into `store`, and link it where the catalog looks. The chunks
+    verified meanwhile are served to peers through `downloads`."""
     started = time.monotonic()
     repo_id, blobs, pointer = layout(store, offer)
     locks = store / ".locks" / repo_folder(store, repo_id).name
@@ -185,9 +233,11 @@ async def pull_from_peers(
             blob = blobs / offer.sha256
             fetched = 0
             if not await run(blob.exists):
+                everyone = _Everyone(sources, directory)
                 stats = await _fetch(
-                    offer, blobs, sources, run, on_progress, tuning or Tuning(), request_timeout_s
-                )
+                    offer, blobs, everyone, downloads or Downloads(), run, on_progress,
+                    tuning or Tuning(), request_timeout_s,
+                )  # fmt: skip
                 fetched = stats.fetched_bytes
                 if statistics is not None:
                     statistics(stats)
@@ -238,11 +288,26 @@ class _Worker:
         return await self._loop.run_in_executor(self._pool, function, *args)
 
 
-async def _manifest(
-    sha256: str, sources: Mapping[str, FileSource], size_hint: int | None
-) -> Manifest:
+class _Everyone:
+    """The sources of one pull: those given at the start, and the directory's."""
+
+    def __init__(self, sources: Mapping[str, FileSource], directory: Directory | None) -> None:
+        self._sources = {peer_id: Holding(source) for peer_id, source in sources.items()}
+        self._directory = directory
+        self.changing = directory is not None
+
+    def now(self) -> dict[str, Holding]:
+        if self._directory is None:
+            return dict(self._sources)
+        return {**self._sources, **self._directory()}
+
+
+async def _manifest(sha256: str, holding: Mapping[str, Holding], size_hint: int | None) -> Manifest:
     reasons = []
-    for peer_id, source in sources.items():
+    # Those holding all of the file first: they verified it before serving it.
+    ordered = sorted(holding.items(), key=lambda item: item[1].chunks is not None)
+    for peer_id, held in ordered:
+        source = held.source
         try:
             manifest = Manifest.from_wire(await source.file_manifest(sha256, MANIFEST_TIMEOUT_S))
         except _MANIFEST_ERRORS as exc:
@@ -258,31 +323,32 @@ async def _manifest(
 async def _fetch(
     offer: PeerOffer,
     blobs: Path,
-    sources: Mapping[str, FileSource],
+    everyone: _Everyone,
+    downloads: Downloads,
     run: _Worker,
     on_progress: Progress | None,
     tuning: Tuning,
     request_timeout_s: float,
 ) -> PeerPullStatistics:
-    manifest = await _manifest(offer.sha256, sources, offer.model.size_bytes)
+    manifest = await _manifest(offer.sha256, everyone.now(), offer.model.size_bytes)
     partial = await run(Partial.open, blobs, manifest.sha256, manifest.size, manifest.chunks)
     started = time.monotonic()
+    downloads.begin(manifest, partial.path, partial.have)
     try:
         resumed = len(partial.have)
         swarm = Swarm(manifest.size, manifest.chunk_bytes, verified=partial.have, tuning=tuning)
-        every = range(swarm.chunk_count)
-        for peer_id in sources:
-            swarm.add_source(peer_id, every, started)
         meter = _Meter(offer, partial, resumed, on_progress, swarm)
-        fetched = await _transfer(
-            offer.sha256, swarm, partial, sources, run, request_timeout_s, meter
-        )
+        fetched = await _Transfer(
+            manifest, swarm, partial, everyone, downloads, run, request_timeout_s, meter
+        ).run()
         meter.report(force=True, stage="verifying")
+        downloads.end(manifest.sha256)  # served no more from the partial file
         try:
             await run(partial.finish)
         except ChecksumMismatch as exc:  # every chunk matched a manifest that lied
             raise PeerPullFailed(exc.message) from None
     finally:
+        downloads.end(manifest.sha256)
         await run(partial.close)
     stats = swarm.statistics()
     return PeerPullStatistics(
@@ -295,64 +361,117 @@ async def _fetch(
     )
 
 
-async def _transfer(
-    sha256: str,
-    swarm: Swarm,
-    partial: Partial,
-    sources: Mapping[str, FileSource],
-    run: _Worker,
-    timeout_s: float,
-    meter: _Meter,
-) -> int:
-    """Ask, verify and write until every chunk is in; the bytes accepted."""
-    tasks: dict[asyncio.Task[bytes], Request] = {}
-    by_request: dict[int, asyncio.Task[bytes]] = {}
-    fetched = 0
+class _Transfer:
+    """Ask, verify and write until every chunk is in (`run`: the bytes accepted)."""
 
-    def cancel(delivery: Delivery) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        swarm: Swarm,
+        partial: Partial,
+        everyone: _Everyone,
+        downloads: Downloads,
+        run: _Worker,
+        timeout_s: float,
+        meter: _Meter,
+    ) -> None:
+        self.manifest, self.swarm, self.partial = manifest, swarm, partial
+        self.everyone, self.downloads, self.worker = everyone, downloads, run
+        self.timeout_s, self.meter = timeout_s, meter
+        self.sources: dict[str, FileSource] = {}
+        self.tasks: dict[asyncio.Task[bytes], Request] = {}
+        self.by_request: dict[int, asyncio.Task[bytes]] = {}
+        self.refreshed = -math.inf
+        self.progressed = time.monotonic()  # the last chunk accepted, or a chunk to ask
+
+    async def run(self) -> int:
+        swarm, fetched = self.swarm, 0
+        try:
+            while not swarm.done():
+                now = time.monotonic()
+                if now - self.refreshed >= REFRESH_S:
+                    self.refresh(now)
+                self.send(swarm.next_requests(now))
+                if not self.tasks:
+                    self.stalled(now)
+                finished, _ = await asyncio.wait(
+                    self.tasks,
+                    timeout=REFRESH_S if self.everyone.changing else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in finished:
+                    if task in self.tasks:  # else cancelled by an earlier answer of this round
+                        fetched += await self.answered(task)
+                self.meter.report()
+        finally:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        return fetched
+
+    def refresh(self, now: float) -> None:
+        """Sources as the peers' snapshots now say: new ones, chunks gained, gone ones."""
+        self.refreshed = now
+        holding = self.everyone.now()
+        every = range(self.swarm.chunk_count)
+        for peer_id, held in holding.items():
+            chunks = every if held.chunks is None else held.chunks
+            if peer_id not in self.sources:
+                if self.swarm.add_source(peer_id, chunks, now):
+                    self.sources[peer_id] = held.source
+            else:
+                self.swarm.have(peer_id, chunks, now)
+        for peer_id in [p for p in self.sources if p not in holding]:
+            del self.sources[peer_id]
+            self.cancel(Delivery((), tuple(self.swarm.remove_source(peer_id, now))))
+
+    def send(self, requests: list[Request]) -> None:
+        sha256 = self.manifest.sha256
+        for request in requests:
+            first, last = request.byte_range(self.swarm.chunk_bytes, self.swarm.size)
+            source = self.sources[request.source]
+            task = asyncio.create_task(source.file_range(sha256, first, last, self.timeout_s))
+            self.tasks[task] = request
+            self.by_request[request.serial] = task
+            self.progressed = time.monotonic()
+
+    def stalled(self, now: float) -> None:
+        """Nothing to ask: wait for a peer still pulling to gain a chunk, or give up."""
+        live = [s for s in self.swarm.statistics().sources if not s.dropped]
+        waiting = self.everyone.changing and live and now - self.progressed < STALL_TIMEOUT_S
+        if not waiting:
+            raise PeerPullFailed(
+                f"the peers could not give all of {self.manifest.sha256}: "
+                f"{len(self.swarm.missing())} chunks missing, no source left that holds them"
+            )
+
+    async def answered(self, task: asyncio.Task[bytes]) -> int:
+        request = self.tasks.pop(task)
+        self.by_request.pop(request.serial, None)
+        try:
+            data = task.result()
+        except _FETCH_ERRORS as exc:
+            log.info("a request to %s failed: %r", request.source[:12], exc)
+            self.cancel(self.swarm.failed(request, time.monotonic()))
+            return 0
+        verdicts = await self.worker(_write, self.partial, request, data)
+        delivery = self.swarm.delivered(request, verdicts, time.monotonic())
+        if delivery.accepted:
+            self.progressed = time.monotonic()
+            self.downloads.add(self.manifest.sha256, delivery.accepted)
+        self.cancel(delivery)
+        return sum(self.partial.chunk_size(i) for i in delivery.accepted)
+
+    def cancel(self, delivery: Delivery) -> None:
         for request in delivery.cancel:
-            task = by_request.pop(request.serial, None)
+            task = self.by_request.pop(request.serial, None)
             if task is not None:
                 task.cancel()
-                tasks.pop(task, None)
+                self.tasks.pop(task, None)
         for source in delivery.dropped:
-            log.warning("dropped the peer %s from the pull of %s", source[:12], sha256)
-
-    try:
-        while not swarm.done():
-            for request in swarm.next_requests(time.monotonic()):
-                first, last = request.byte_range(swarm.chunk_bytes, swarm.size)
-                source = sources[request.source]
-                task = asyncio.create_task(source.file_range(sha256, first, last, timeout_s))
-                tasks[task] = request
-                by_request[request.serial] = task
-            if not tasks:
-                raise PeerPullFailed(
-                    f"the peers could not give all of {sha256}: "
-                    f"{len(swarm.missing())} chunks missing, every source failed or dropped"
-                )
-            finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
-                if task not in tasks:
-                    continue  # cancelled by an earlier answer of this round
-                request = tasks.pop(task)
-                by_request.pop(request.serial, None)
-                try:
-                    data = task.result()
-                except _FETCH_ERRORS as exc:
-                    log.info("a request to %s failed: %r", request.source[:12], exc)
-                    cancel(swarm.failed(request, time.monotonic()))
-                    continue
-                verdicts = await run(_write, partial, request, data)
-                delivery = swarm.delivered(request, verdicts, time.monotonic())
-                fetched += sum(partial.chunk_size(i) for i in delivery.accepted)
-                cancel(delivery)
-            meter.report()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return fetched
+            log.warning(
+                "dropped the peer %s from the pull of %s", source[:12], self.manifest.sha256
+            )
 
 
 def _write(partial: Partial, request: Request, data: bytes) -> dict[int, bool]:
