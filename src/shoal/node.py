@@ -215,6 +215,10 @@ class Node:
             ManifestCache.in_data_dir(settings.data_dir),
             settings.models.share,
             self.downloads,
+            # While requests are served here, sharing gives way to them.
+            share.Pacer(
+                settings.models.share_rate_limit * 1e6, lambda: self.ledger.local_in_flight > 0
+            ),
         )
         app[services.LIMITS] = settings.limits
         return app

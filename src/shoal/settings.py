@@ -148,6 +148,10 @@ class ModelSettings(_Section):
     # Who may fetch this node's model files over the peer channel: "paired" (admitted
     # peers, over mutual TLS; the default) or "off".
     share: Literal["off", "paired"] = "paired"
+    # Megabytes a second this node sends of its model files to peers while it serves
+    # inference (its link and disk belong to the requests then); unlimited while it
+    # serves none. 0: never limited.
+    share_rate_limit: float = Field(default=50.0, ge=0)
     # Bytes of memory models may use. None: what the system reports available when a
     # model loads. A model whose file and KV cache do not fit is refused, not OOM-killed.
     memory_limit_bytes: int | None = Field(default=None, ge=0)

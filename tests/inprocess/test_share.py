@@ -187,3 +187,29 @@ async def test_a_same_size_damaged_file_is_never_served_under_its_hash(tmp_path:
                 assert status == 404
                 assert orjson.loads(body)["error"]["code"] == "file_damaged"
             assert a.node.shares.verifications == 2
+
+
+async def test_sharing_gives_way_to_inference(tmp_path: Path) -> None:
+    """While the holder serves inference, what it sends is paced to
+    `models.share_rate_limit`; while it serves none, not at all."""
+    gguf = packaged_gguf()
+    sha = sha256_of(gguf)
+    hf_store(tmp_path / "a" / "hub", REPO, {gguf.name: gguf})
+    async with model_node(tmp_path, "a") as a, model_node(tmp_path, "b") as b:
+        await paired(a, b)
+        busy = False
+        pacer = a.node.shares.pacer
+        pacer.rate, pacer.busy = 8e6, lambda: busy  # 8 MB/s while "serving inference"
+        headers = {"Range": f"bytes=0-{16 * MiB - 1}"}
+        async with peer_session(b, a) as (session, base):
+            files = f"{base}/shoal/v1/files/{sha}"
+            status, _, idle = await get(session, files, headers)
+            assert status == 206 and pacer.waited_s == 0
+
+            busy = True
+            started = asyncio.get_running_loop().time()
+            status, _, paced = await get(session, files, headers)
+            elapsed = asyncio.get_running_loop().time() - started
+        assert status == 206 and paced == idle == gguf.read_bytes()[: 16 * MiB]
+        # 16 MiB at 8 MB/s after a 4 MiB burst: at least 1.5 s of waiting.
+        assert pacer.waited_s >= 1.4 and elapsed >= 1.4, (pacer.waited_s, elapsed)

@@ -17,6 +17,10 @@ is hashed again in a thread, against the cached manifest and the upstream hash, 
 file damaged at the same size is never served under its hash. Concurrent first
 requests for one file wait for one verification; later ones only stat the file.
 
+While this node serves inference, what it sends is paced by a token bucket
+(`models.share_rate_limit` MB/s, a chunk at a time: `Pacer`); while it serves none, at
+the link's speed.
+
 A file this node is still pulling (`shoal.models.downloads`) is served too: its manifest,
 and ranges made only of the chunks it holds, each checked against the manifest before it
 was written; a range with a chunk it lacks is 416. Peers ask only for the chunks this
@@ -28,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -50,6 +56,7 @@ from shoal.models.manifest import (
     is_sha256,
     parse_range,
 )
+from shoal.pacing import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,32 @@ class Served:
     key: CacheKey | None  # the file's key when it was verified; None: still downloading
 
 
+class Pacer:
+    """`rate` bytes a second while `busy()` (the node serves inference), else no limit."""
+
+    BURST_BYTES = 4 * CHUNK_BYTES
+
+    def __init__(self, rate: float, busy: Callable[[], bool]) -> None:
+        self.rate = rate
+        self.busy = busy
+        self._bucket: TokenBucket | None = None
+        self.waited_s = 0.0  # in all, for tests and metrics
+
+    def active(self) -> bool:
+        return self.rate > 0 and self.busy()
+
+    async def wait(self, size: int) -> None:
+        if not self.active():
+            return
+        now = time.monotonic()
+        if self._bucket is None:
+            self._bucket = TokenBucket(self.rate, self.BURST_BYTES, now)
+        delay = self._bucket.reserve(size, now)
+        if delay > 0:
+            self.waited_s += delay
+            await asyncio.sleep(delay)
+
+
 class Shares:
     """The files this node holds, by SHA-256, verified before they are served."""
 
@@ -73,11 +106,13 @@ class Shares:
         cache: ManifestCache,
         policy: Literal["off", "paired"],
         downloads: Downloads | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self._catalog = catalog
         self._cache = cache
         self.policy = policy
         self.downloads = downloads or Downloads()
+        self.pacer = pacer or Pacer(0, lambda: False)
         self._verified: dict[str, Served] = {}
         self._damaged: dict[str, CacheKey] = {}  # refused until the file changes
         self._locks: dict[str, asyncio.Lock] = {}
@@ -222,15 +257,25 @@ async def file_range(request: web.Request) -> web.StreamResponse:
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("the peer went away")
-        if transport.get_extra_info("sslcontext") is None:  # sendfile(2): no copy at all
-            loop = asyncio.get_running_loop()
-            await loop.sendfile(transport, file, byte_range.start, byte_range.length)
-        else:  # TLS encrypts in user space: read whole chunks in a thread, write them
-            await _copy(file, byte_range, response)
+        pacer = request.app[SHARES].pacer
+        # Paced, a chunk at a time; else the whole range in one go.
+        pieces = _pieces(byte_range) if pacer.active() else [byte_range]
+        for piece in pieces:
+            await pacer.wait(piece.length)
+            if transport.get_extra_info("sslcontext") is None:  # sendfile(2): no copy at all
+                loop = asyncio.get_running_loop()
+                await loop.sendfile(transport, file, piece.start, piece.length)
+            else:  # TLS encrypts in user space: read whole chunks in a thread, write them
+                await _copy(file, piece, response)
         await response.write_eof()
         return response
     finally:
         file.close()
+
+
+def _pieces(byte_range: ByteRange) -> list[ByteRange]:
+    starts = range(byte_range.start, byte_range.end, CHUNK_BYTES)
+    return [ByteRange(start, min(start + CHUNK_BYTES, byte_range.end)) for start in starts]
 
 
 def _check_held(downloads: Downloads, sha256: str, byte_range: ByteRange) -> None:
