@@ -209,6 +209,7 @@ class Node:
             self.refresh_models,
             peers=self.peers,
             downloads=self.downloads,
+            accept_from_peers=settings.models.remote_pulls == "paired",
         )
         self.shares = app[share.SHARES] = share.Shares(
             self.catalog,

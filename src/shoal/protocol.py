@@ -31,6 +31,7 @@ UNLOAD_PATH = "/shoal/v1/models/unload"  # {"model": NAME}
 HELLO_PATH = "/shoal/v1/trust/hello"  # admission handshake, API port
 CONFIRM_PATH = "/shoal/v1/trust/confirm"
 STATE_PATH = "/shoal/v1/mesh/state"  # heartbeat and push, peer port (mutual TLS)
+PEER_PULL_PATH = "/shoal/v1/peer/models/pull"  # a peer's operator asks us to pull
 GOODBYE_PATH = "/shoal/v1/mesh/goodbye"
 
 # -- headers -----------------------------------------------------------------------------

@@ -152,6 +152,9 @@ class ModelSettings(_Section):
     # inference (its link and disk belong to the requests then); unlimited while it
     # serves none. 0: never limited.
     share_rate_limit: float = Field(default=50.0, ge=0)
+    # Whether the operator of a paired peer may make this node pull a model into its
+    # store (`shoal models pull REF --on NODE`): "paired" (the default) or "off".
+    remote_pulls: Literal["off", "paired"] = "paired"
     # Bytes of memory models may use. None: what the system reports available when a
     # model loads. A model whose file and KV cache do not fit is refused, not OOM-killed.
     memory_limit_bytes: int | None = Field(default=None, ge=0)

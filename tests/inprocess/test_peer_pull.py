@@ -332,6 +332,40 @@ async def test_the_cli_pulls_from_peers_through_the_node(tmp_path: Path) -> None
         assert blob_of(tmp_path, "b").read_bytes() == gguf.read_bytes()
 
 
+async def test_an_operator_makes_another_node_pull(tmp_path: Path) -> None:
+    """`pull --on b` at c: b fetches the file from a, its progress relayed to c's
+    operator; a node with `models.remote_pulls = "off"` refuses, an unknown one is 404."""
+    gguf = packaged_gguf()
+    async with (
+        holders(tmp_path, 1) as (a,),
+        model_node(tmp_path, "b") as b,
+        model_node(tmp_path, "c") as c,
+        model_node(tmp_path, "d", remote_pulls="off") as d,
+    ):
+        await meet(a, b)
+        for target in (b, d):
+            await c.node.admission.meet(target.url, "join")
+        await wait_until(lambda: len(c.node.peers.routable()) >= 3, 15, "c to see a, b, d")
+        await wait_until(lambda: len(d.node.peers.routable()) >= 1, 15, "d to see c")
+        pull_url = c.url + "/shoal/v1/models/pull"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(pull_url, json={"model": PACKAGED_NAME, "on": "b"}) as answer:
+                assert answer.status == 200
+                lines = [orjson.loads(line) for line in (await answer.read()).splitlines()]
+            assert lines[-1]["status"] == "success", lines[-1]
+            assert lines[-1]["revision"] == "peers"
+            assert any(line["status"] == "downloading" for line in lines[:-1])
+            assert blob_of(tmp_path, "b").read_bytes() == gguf.read_bytes()
+            assert not blob_of(tmp_path, "c").exists()
+
+            for on, status, code in (("d", 403, "forbidden"), ("nobody", 404, "node_not_found")):
+                body = {"model": PACKAGED_NAME, "on": on}
+                async with session.post(pull_url, json=body) as answer:
+                    assert answer.status == status, await answer.text()
+                    assert (await answer.json())["error"]["code"] == code
+        assert not list((tmp_path / "d" / "hub").rglob("*.gguf"))
+
+
 class FakeSource:
     """A peer serving `data` under a manifest (possibly a lying one), no network."""
 

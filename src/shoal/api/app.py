@@ -51,6 +51,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", share.FILE_MANIFEST_PATH, share.file_manifest, PEER),  # model files
     Route("GET", share.FILE_PATH, share.file_range, PEER),
     Route("POST", pull.PULL_PATH, pull.pull_model, LOCAL),  # downloads, writes the store
+    Route("POST", p.PEER_PULL_PATH, pull.pull_for_peer, PEER),  # `pull --on` this node
 )
 
 

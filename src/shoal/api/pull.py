@@ -1,10 +1,13 @@
 """`POST /shoal/v1/models/pull`: `shoal models pull` through the operator API, for the
 dashboard (this machine's operator only: it makes the node download and write).
 
-    request   {"model": REF, "revision": "main", "stream": true, "source": "any"}
+    request   {"model": REF, "revision": "main", "stream": true, "source": "any",
+               "on": NODE}
               REF may also be any name a paired peer advertises a file under: that file
               comes from the peers holding it (`shoal.models.peer_pull`), the Hub
-              if they fail; "source": "peers" asks the peers only (404 if none has it)
+              if they fail; "source": "peers" asks the peers only (404 if none has it);
+              "on": another node of the cluster (its name, or the start of its ID)
+              pulls it into its own store instead, and this node relays its answer
     answer    NDJSON, one object a line, as Ollama's /api/pull streams:
               {"status": "downloading", "file", "completed", "total", "rate_bps", "eta_s", ...}
               {"status": "verifying", "file", ...}
@@ -19,6 +22,10 @@ A file fetched from peers adds how each peer did to the success object (`peers`:
 Errors found before the first byte moves (a bad REF, no such repo or file, offline,
 not enough disk space) are the usual error answers with their HTTP status. A caller
 that goes away cancels its pull; what was downloaded stays for the next one to resume.
+
+A peer's operator asks this node to pull (`on`) through `POST /shoal/v1/peer/models/pull`
+over the mutual-TLS peer port, with the same body less `on`: only paired peers reach
+it, and `models.remote_pulls = "off"` refuses it (403).
 
 `Pulls` runs each pull in a thread of its own (a download is blocking I/O for minutes),
 publishes its progress on the event bus for the dashboard, and refreshes the catalog
@@ -37,18 +44,26 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from shoal.api.bodies import read_body
 from shoal.api.errors import error_body
-from shoal.api.services import LIMITS
-from shoal.errors import BackendUnavailable, InvalidRequest, ModelNotFound, ShoalError
+from shoal.api.services import LIMITS, PEERS
+from shoal.errors import (
+    BackendUnavailable,
+    Forbidden,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    ShoalError,
+)
 from shoal.events import EventBus, ModelPulled, ModelPullFailed, ModelPullProgress
 from shoal.models.pull_refs import HubRef, check_revision, parse_ref
 
 if TYPE_CHECKING:
-    from shoal.mesh.peers import Peers
+    from shoal.mesh.peers import Peer, Peers
     from shoal.models.downloads import Downloads
     from shoal.models.peer_pull import Holding, PeerOffer, PeerPullStatistics
     from shoal.models.pull import Hub, Pulled, PullProgress
@@ -58,6 +73,8 @@ log = logging.getLogger(__name__)
 Statistics = Callable[["PeerPullStatistics"], None]  # told how each peer did in a pull
 
 PULL_PATH = "/shoal/v1/models/pull"
+#: Bytes of a peer's error answer relayed to the operator.
+_MAX_RELAYED_ERROR = 64 * 1024
 # Seconds between two progress events of one pull: a dashboard redraws at this pace,
 # and huggingface_hub reports every 10 MiB (a hundred times a second on a fast LAN).
 PROGRESS_INTERVAL_S = 0.25
@@ -73,6 +90,7 @@ class Pulls:
         hub: Callable[[], Hub] | None = None,
         peers: Peers | None = None,
         downloads: Downloads | None = None,
+        accept_from_peers: bool = True,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
     ) -> None:
         self.store = store
@@ -81,6 +99,7 @@ class Pulls:
         self._hub = hub
         self._peers = peers  # paired peers: asked first for a file they advertise
         self._downloads = downloads  # what this node serves of the files it pulls
+        self.accept_from_peers = accept_from_peers  # models.remote_pulls = "paired"
         self._interval = progress_interval_s
         self._ids = itertools.count(1)
 
@@ -256,6 +275,26 @@ PULLS: web.AppKey[Pulls] = web.AppKey("pulls", Pulls)
 
 
 async def pull_model(request: web.Request) -> web.StreamResponse:
+    """The operator's pull, here or (`on`) on another node of the cluster."""
+    body = await _body(request)
+    on = body.pop("on", None)
+    if on is not None:
+        return await _relay(request, on, body)
+    return await _serve(request, body)
+
+
+async def pull_for_peer(request: web.Request) -> web.StreamResponse:
+    """A paired peer's operator asks this node to pull into its own store."""
+    pulls = request.app.get(PULLS)
+    if pulls is not None and not pulls.accept_from_peers:
+        raise Forbidden('this node pulls only for its own operator (models.remote_pulls = "off")')
+    body = await _body(request)
+    if "on" in body:
+        raise InvalidRequest("a pull asked by a peer is not passed on", param="on")
+    return await _serve(request, body)
+
+
+async def _body(request: web.Request) -> dict[str, object]:
     limits = request.app[LIMITS]
     raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
     try:
@@ -268,6 +307,10 @@ async def pull_model(request: web.Request) -> web.StreamResponse:
             param="model",
             code="missing_required_parameter",
         )
+    return body
+
+
+async def _serve(request: web.Request, body: dict[str, object]) -> web.StreamResponse:
     model = body["model"]
     revision = check_revision(body.get("revision"))
     stream = body.get("stream", True)
@@ -292,6 +335,7 @@ async def pull_model(request: web.Request) -> web.StreamResponse:
     elif offer is None:
         updates = pulls.run(parse_ref(model), revision)
     else:
+        assert isinstance(model, str)
         updates = pulls.run_named(model, revision, found.append)
     try:
         # The first update before any byte of the answer: what fails while resolving
@@ -318,6 +362,49 @@ async def pull_model(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         await updates.aclose()
+
+
+async def _relay(request: web.Request, on: object, body: dict[str, object]) -> web.StreamResponse:
+    """Ask the node `on` to pull, over its peer link; its answer relayed as it comes."""
+    peers = request.app.get(PEERS)
+    if not isinstance(on, str) or not on.strip():
+        raise InvalidRequest("on must be a node's name or the start of its ID", param="on")
+    peer = _node_named(peers.routable() if peers is not None else [], on.strip())
+    assert peers is not None and peer.state is not None
+    try:
+        async with peers.link(peer.view.peer_id).pull(orjson.dumps(body)) as answer:
+            if answer.status != 200:  # the peer's own error answer, in the API's shape
+                raw = await answer.content.read(_MAX_RELAYED_ERROR)
+                return web.Response(status=answer.status, body=raw, content_type="application/json")
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": answer.headers.get("Content-Type", "application/json"),
+                    "Cache-Control": "no-cache",
+                }
+            )
+            await response.prepare(request)
+            async for chunk in answer.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BackendUnavailable(
+            f"the node {peer.state.name!r} could not be reached ({type(exc).__name__})",
+            retry_after=5,
+        ) from None
+
+
+def _node_named(peers: list[Peer], on: str) -> Peer:
+    """The live peer whose name is `on`, or whose ID starts with it (6 digits or more)."""
+    lowered = on.lower()
+    named = [p for p in peers if p.state is not None and p.state.name == on]
+    if not named and len(lowered) >= 6:
+        named = [p for p in peers if p.state is not None and p.view.peer_id.startswith(lowered)]
+    if not named:
+        raise NotFound(f"no live peer is named {on!r}", code="node_not_found")
+    if len(named) > 1:
+        raise InvalidRequest(f"{on!r} names {len(named)} peers: give its ID", param="on")
+    return named[0]
 
 
 def _line(update: PullProgress | Pulled, peers: list[PeerPullStatistics]) -> bytes:

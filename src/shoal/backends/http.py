@@ -12,6 +12,7 @@ the middle of a stream, instead of each waiting out its own timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -272,6 +273,23 @@ class HttpTransport:
         ) as response:
             response.raise_for_status()
             return await response.read()
+
+    @contextlib.asynccontextmanager
+    async def post_streaming(
+        self, path: str, body: bytes, read_timeout_s: float
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST JSON, for an answer read as it comes (a relayed pull's progress lines):
+        the response, whatever its status; every read within `read_timeout_s`."""
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self._timeout.connect, sock_read=read_timeout_s
+        )
+        async with self._client().post(
+            f"{self.base_url}{path}",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=timeout,
+        ) as response:
+            yield response
 
     def abort(self, reason: str) -> None:
         """End every wait on this transport at once with `reason`, and every later one."""

@@ -1,7 +1,11 @@
 """`shoal models pull REF`: a GGUF from the Hugging Face Hub into this machine's store.
 
 The CLI pulls by itself (no node needs to run); a node's catalog finds the file in the
-store. Exit codes: 0 pulled (or already there), 1 failure, 2 a bad REF or revision, or
+store. `--on NODE` asks another node of the cluster to pull into its own store instead
+(through this machine's node, which must run; the other node fetches from whichever
+peers have the file, else the Hub) and shows its progress here.
+
+Exit codes: 0 pulled (or already there), 1 failure, 2 a bad REF or revision, or
 nothing on the Hub matches it, 4 the Hub failed or cannot be reached (offline mode
 included: trying again may help), 5 not enough disk space, 130 interrupted (pull again
 to resume).
@@ -10,6 +14,7 @@ to resume).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -52,6 +57,14 @@ def pull(
     revision: Annotated[
         str | None, typer.Option(help="Branch, tag or commit (default main).")
     ] = None,
+    on: Annotated[
+        str | None,
+        typer.Option(
+            "--on",
+            metavar="NODE",
+            help="Pull into another node's store (its name or the start of its ID).",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -71,8 +84,13 @@ def pull(
         parsed, bad_ref = parse_ref(ref), None
     except ClientError as exc:  # maybe a name only peers know: they are asked first
         parsed, bad_ref = None, exc.message
+    url = f"http://127.0.0.1:{settings.port}"
     try:
-        result = _from_peers(f"http://127.0.0.1:{settings.port}", ref, parsed is not None)
+        result: dict[str, Any] | None
+        if on is not None:
+            result = _on_node(url, ref, on, checked)
+        else:
+            result = _from_peers(url, ref, parsed is not None)
     except KeyboardInterrupt:
         raise fail("interrupted; the same command resumes the download", EXIT_INTERRUPTED) from None
     if result is None:
@@ -112,33 +130,58 @@ def _from_peers(url: str, ref: str, hub_next: bool) -> dict[str, Any] | None:
     them); None if no node runs or no peer has it: the Hub's turn, from here."""
     from shoal.api.pull import PULL_PATH
     from shoal.cli import client
-    from shoal.models.pull import PullProgress
 
     body = {"model": ref, "source": "peers"}
     try:
-        with _Bars() as bars:
-            # A holder hashes a file before it first serves it: minutes for a large one.
-            for line in client.post_lines(url, PULL_PATH, body, timeout=300.0):
-                status = line.get("status")
-                if status in ("downloading", "verifying"):
-                    bars.show(
-                        PullProgress(
-                            line["file"], line["completed"], line["total"], line["resumed"],
-                            line["rate_bps"], line["part"], line["parts"], status,
-                            line.get("sources"),
-                        )
-                    )  # fmt: skip
-                elif status == "success":
-                    return dict(line)
-                elif status == "error":
-                    message = line.get("error", {}).get("message", "the peers failed")
-                    if not hub_next:
-                        raise fail(message, EXIT_HUB)
-                    err.print(f"from peers: {message}; trying the Hub", highlight=False)
-                    return None
+        # A holder hashes a file before it first serves it: minutes for a large one.
+        result = _follow(client.post_lines(url, PULL_PATH, body, timeout=300.0))
     except (client.NodeUnreachable, client.NodeRefused):
         return None  # no node here, or no peer advertises it
-    return None
+    if isinstance(result, str):
+        if not hub_next:
+            raise fail(result, EXIT_HUB)
+        err.print(f"from peers: {result}; trying the Hub", highlight=False)
+        return None
+    return result
+
+
+def _on_node(url: str, ref: str, node: str, revision: str) -> dict[str, Any]:
+    """`ref` pulled by the node `node`, asked through this machine's node."""
+    from shoal.api.pull import PULL_PATH
+    from shoal.cli import client
+
+    body = {"model": ref, "revision": revision, "on": node}
+    try:
+        result = _follow(client.post_lines(url, PULL_PATH, body, timeout=600.0))
+    except client.NodeUnreachable:
+        raise fail(f"--on asks through this machine's node: none answers at {url}", 1) from None
+    except client.NodeRefused as exc:
+        raise fail(str(exc), EXIT_BAD_REF if exc.status in (400, 404) else 1) from None
+    if isinstance(result, str):
+        raise fail(f"{node}: {result}", EXIT_HUB)
+    return result
+
+
+def _follow(lines: Iterable[dict[str, Any]]) -> dict[str, Any] | str:
+    """A node's pull answer shown as bars: its success object, or its error message."""
+    from shoal.models.pull import PullProgress
+
+    with _Bars() as bars:
+        for line in lines:
+            status = line.get("status")
+            if status in ("downloading", "verifying"):
+                bars.show(
+                    PullProgress(
+                        line["file"], line["completed"], line["total"], line["resumed"],
+                        line["rate_bps"], line["part"], line["parts"], status,
+                        line.get("sources"),
+                    )
+                )  # fmt: skip
+            elif status == "success":
+                return dict(line)
+            elif status == "error":
+                return str(line.get("error", {}).get("message", "the pull failed"))
+    return "the node's answer ended before the pull did"
 
 
 def _exit_code(error: ShoalError) -> int:
@@ -167,6 +210,7 @@ class _Bars:
             transient=False,
         )
         self.tasks: dict[str, TaskID] = {}
+        self.labels: dict[str, str] = {}
 
     def __enter__(self) -> _Bars:
         return self
@@ -186,4 +230,9 @@ class _Bars:
             # Resumed bytes count as done but not as received: the rate is this pull's.
             task = self.progress.add_task(label, total=update.total, completed=update.resumed)
             self.tasks[update.filename] = task
+            self.labels[update.filename] = label
+        if update.sources is not None:  # from peers: how many give it now
+            plural = "" if update.sources == 1 else "s"
+            description = f"{self.labels[update.filename]} · {update.sources} peer{plural}"
+            self.progress.update(task, description=description)
         self.progress.update(task, completed=update.done)

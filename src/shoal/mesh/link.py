@@ -1,4 +1,5 @@
-"""HTTP to one paired peer: state exchange, goodbye, and forwarded requests, over mTLS.
+"""HTTP to one paired peer: state exchange, goodbye, forwarded requests, model files and
+pulls asked of it, over mTLS.
 
 The link dials the peer's TLS port with a context that presents our certificate and
 trusts only the peer's own (pinned by the trust store). A forwarded request carries the
@@ -7,14 +8,17 @@ hop header, so the peer serves it itself or fails: loops are impossible.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+from collections.abc import AsyncIterator
 
+import aiohttp
 import orjson
 
 from shoal.backends.base import Operation
 from shoal.backends.http import HttpTransport, HttpUpstream, SilenceDetection
 from shoal.mesh.state import NodeState, decode
-from shoal.protocol import GOODBYE_PATH, HOP_HEADER, STATE_PATH
+from shoal.protocol import GOODBYE_PATH, HOP_HEADER, PEER_PULL_PATH, STATE_PATH
 from shoal.settings import LimitSettings
 
 
@@ -47,6 +51,14 @@ class PeerLink:
     async def file_range(self, sha256: str, first: int, last: int, timeout_s: float) -> bytes:
         """Bytes `first`..`last` (inclusive, whole chunks) of the file `sha256`."""
         return await self._transport.get_range(f"/shoal/v1/files/{sha256}", first, last, timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def pull(self, body: bytes) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Ask the peer to pull a model into its own store (`shoal models pull --on`):
+        its answer, NDJSON progress lines as they come. A progress line comes at least
+        every few seconds, but a large file is hashed in silence at the end."""
+        async with self._transport.post_streaming(PEER_PULL_PATH, body, 600.0) as response:
+            yield response
 
     async def send(self, op: Operation, body: bytes) -> HttpUpstream:
         return await self._transport.send(op, body)

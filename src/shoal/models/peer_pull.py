@@ -437,7 +437,8 @@ class _Transfer:
 
     def stalled(self, now: float) -> None:
         """Nothing to ask: wait for a peer still pulling to gain a chunk, or give up."""
-        live = [s for s in self.swarm.statistics().sources if not s.dropped]
+        dropped = {s.source for s in self.swarm.statistics().sources if s.dropped}
+        live = [peer_id for peer_id in self.sources if peer_id not in dropped]
         waiting = self.everyone.changing and live and now - self.progressed < STALL_TIMEOUT_S
         if not waiting:
             raise PeerPullFailed(
@@ -516,7 +517,7 @@ class _Meter:
         done = min(self.partial.size, stats.verified * self.partial.chunk_bytes)
         elapsed = now - self.started
         rate = (done - self.resumed) / elapsed if elapsed > 0 else 0.0
-        live = sum(1 for s in stats.sources if not s.dropped)
+        live = sum(1 for s in stats.sources if not s.dropped and s.chunks)  # giving now
         self.on_progress(
             PullProgress(
                 self.offer.name, done, self.partial.size, self.resumed, max(rate, 0.0), 1, 1,

@@ -166,7 +166,9 @@ class Swarm:
         self._refused: dict[int, set[str]] = {}  # chunk -> sources that sent it bad
         self._sources: dict[str, _Source] = {}
         self._dropped: dict[str, _Source] = {}
-        self._strikes: dict[str, int] = {}  # of sources removed, kept if they come back
+        # Sources removed (gone from the mesh for now): their strikes stand if they come
+        # back, and what they delivered still counts in the statistics.
+        self._removed: dict[str, _Source] = {}
         self._requests: dict[int, Request] = {}
         self._serial = 0
         self._verified_count = 0
@@ -187,8 +189,10 @@ class Swarm:
         if source in self._dropped:
             return False
         if source not in self._sources:
-            strikes = self._strikes.pop(source, 0)
-            self._sources[source] = _Source(source, set(), strikes=strikes)
+            removed = self._removed.pop(source, None)
+            src = self._sources[source] = _Source(source, set())
+            if removed is not None:
+                src.strikes, src.delivered = removed.strikes, removed.delivered
         self.have(source, have, now)
         return True
 
@@ -211,8 +215,10 @@ class Swarm:
         src = self._sources.get(source)
         if src is None:
             return []
-        self._strikes[source] = src.strikes
-        return self._forget(src)
+        outstanding = self._forget(src)
+        src.have.clear()
+        self._removed[source] = src
+        return outstanding
 
     # -- requests ----------------------------------------------------------------------
 
@@ -302,7 +308,10 @@ class Swarm:
         return [i for i in range(self._low, self.chunk_count) if not self._verified[i]]
 
     def statistics(self) -> SwarmStatistics:
-        every = sorted([*self._sources.values(), *self._dropped.values()], key=lambda s: s.id)
+        every = sorted(
+            [*self._sources.values(), *self._dropped.values(), *self._removed.values()],
+            key=lambda s: s.id,
+        )
         return SwarmStatistics(
             chunks=self.chunk_count,
             verified=self._verified_count,
