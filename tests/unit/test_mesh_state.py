@@ -155,7 +155,7 @@ FILE = {"sha256": "12" * 32, "size": 3 * MiB, "chunk_bytes": MiB, "have": "gA=="
         [{**FILE, "extra": 1}],
         [{**FILE, "sha256": "../../etc/passwd"}],
         [{**FILE, "size": -1}],
-        [{**FILE, "size": 1 << 60}],
+        [{**FILE, "size": (1 << 40) + 1}],
         [{**FILE, "chunk_bytes": 0}],
         [{**FILE, "have": "gAAA"}],  # 3 bytes for 3 chunks: one is enough
         [{**FILE, "have": "not base64!"}],

@@ -40,10 +40,12 @@ MAX_NAME_CHARS = 64
 #: Peers one snapshot introduces: a mesh larger than this is introduced in turns.
 MAX_INTRODUCTIONS = 64
 _INTRODUCTION_KEYS = frozenset({"node_id", "address"})
-#: Files still downloading, in one snapshot: a node pulls a few at a time.
-MAX_FILES = 8
+#: Files still downloading, in one snapshot: a node pulls a few at a time. With files
+#: of at most 1 TiB (a bitmap of 128 KiB at 1 MiB chunks, 171 KiB in base64) four fit
+#: in a snapshot (at most 1 MiB) with room to spare.
+MAX_FILES = 4
 _FILE_KEYS = frozenset({"sha256", "size", "chunk_bytes", "have"})
-_MAX_FILE_BYTES = 1 << 44  # 16 TiB: a bitmap of at most 2 MiB at 1 MiB chunks
+MAX_FILE_BYTES = 1 << 40
 
 
 class ProtocolError(ValueError):
@@ -254,7 +256,7 @@ def _files(value: object) -> tuple[FileAdvert, ...]:
         if not isinstance(entry, dict) or entry.keys() != _FILE_KEYS:
             raise ProtocolError("a file is an object of sha256, size, chunk_bytes and have")
         sha256 = _sha256(entry)
-        size = _int(entry, "size", 0, _MAX_FILE_BYTES)
+        size = _int(entry, "size", 0, MAX_FILE_BYTES)
         chunk_bytes = _int(entry, "chunk_bytes", 1 << 16, 1 << 26)
         have = entry["have"]
         expected = -(-_chunk_count(size, chunk_bytes) // 8)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.mesh.state import MAX_FILES, FileAdvert
+from shoal.mesh.state import MAX_FILE_BYTES, MAX_FILES, FileAdvert
 from shoal.models.manifest import Manifest
 
 
@@ -60,10 +60,11 @@ class Downloads:
         return self._files.get(sha256)
 
     def adverts(self) -> tuple[FileAdvert, ...]:
-        """What the snapshot says: the first MAX_FILES files with a chunk to give."""
+        """What the snapshot says: the first MAX_FILES files with a chunk to give (a file
+        over MAX_FILE_BYTES is pulled, not advertised)."""
         adverts = (
             FileAdvert.of(sha, f.manifest.size, f.manifest.chunk_bytes, f.have)
             for sha, f in self._files.items()
-            if f.have
+            if f.have and f.manifest.size <= MAX_FILE_BYTES
         )
         return tuple(advert for advert, _ in zip(adverts, range(MAX_FILES), strict=False))
