@@ -15,6 +15,7 @@ offset from the batch's start) once all have ended.
 
 from __future__ import annotations
 
+import http.client
 import json
 import sys
 import threading
@@ -51,7 +52,7 @@ def call(spec: dict[str, Any]) -> dict[str, Any]:
         with exc:
             answer = {"status": exc.code, "headers": dict(exc.headers),
                       "body": exc.read().decode(errors="replace")}  # fmt: skip
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:  # IncompleteRead: a body cut short
         answer = {"error": f"{type(exc).__name__}: {exc}"}
     answer["seconds"] = time.monotonic() - started
     if spec.get("stream"):

@@ -151,6 +151,7 @@ class Node:
     secret: str | None = None  # the cluster secret written to its data dir; None: none
     config: str = ""  # TOML for --config, when not empty
     fd_limit: int | None = None  # soft and hard RLIMIT_NOFILE, as a service manager sets
+    program: tuple[str, ...] = ("-m", "shoal")  # after the interpreter: another wrapper
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
 
@@ -221,7 +222,7 @@ class Cluster:
             **node.env,
         }
         command = [
-            sys.executable, "-m", "shoal", "serve", "--lan", "--port", str(PORT),
+            sys.executable, *node.program, "serve", "--lan", "--port", str(PORT),
             "--name", node.name, "--data-dir", str(node.data_dir), "--no-detect",
             *node.args,
         ]  # fmt: skip

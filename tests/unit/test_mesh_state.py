@@ -136,6 +136,14 @@ def test_malformed_introductions_are_refused(peers: object) -> None:
         decode(_dumps(document))
 
 
+@pytest.mark.parametrize("name", ["../../x:q8_0", "/tmp/x", "a\u0000b", "\u0430bc", "x y"])
+def test_a_model_with_an_invalid_name_is_left_out_not_the_peer(name: str) -> None:
+    document = orjson.loads(sample().encode())
+    document["models"][0]["id"] = name
+    state = decode(orjson.dumps(document))
+    assert [m.id for m in state.models] == [m.id for m in sample().models[1:]]
+
+
 def test_a_file_being_pulled_says_which_chunks_it_holds() -> None:
     (file,) = decode(sample().encode()).files
     assert file.chunks() == {0, 3, 10} and file.have == bytes([0b10010000, 0b00100000])

@@ -260,14 +260,19 @@ async def file_range(request: web.Request) -> web.StreamResponse:
         pacer = request.app[SHARES].pacer
         # Paced, a chunk at a time; else the whole range in one go.
         pieces = _pieces(byte_range) if pacer.active() else [byte_range]
-        for piece in pieces:
-            await pacer.wait(piece.length)
-            if transport.get_extra_info("sslcontext") is None:  # sendfile(2): no copy at all
-                loop = asyncio.get_running_loop()
-                await loop.sendfile(transport, file, piece.start, piece.length)
-            else:  # TLS encrypts in user space: read whole chunks in a thread, write them
-                await _copy(file, piece, response)
-        await response.write_eof()
+        try:
+            for piece in pieces:
+                await pacer.wait(piece.length)
+                if transport.get_extra_info("sslcontext") is None:  # sendfile(2): no copy
+                    loop = asyncio.get_running_loop()
+                    await loop.sendfile(transport, file, piece.start, piece.length)
+                else:  # TLS encrypts in user space: read whole chunks in a thread, write them
+                    await _copy(file, piece, response)
+            await response.write_eof()
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
+            # The puller hung up: a duplicate answered elsewhere first, or it gave up on
+            # this node. Ordinary in a swarm, not an error.
+            log.debug("a peer stopped reading %s mid-range", sha256)
         return response
     finally:
         file.close()

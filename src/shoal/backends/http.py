@@ -252,10 +252,13 @@ class HttpTransport:
                     f"asked for {last - first + 1} bytes, told {response.content_length}"
                 )
             body = bytearray()
-            async for piece in response.content.iter_any():
-                body += piece
-                if len(body) > last - first + 1:  # never buffer more than was asked
-                    break
+            try:
+                async for piece in response.content.iter_any():
+                    body += piece
+                    if len(body) > last - first + 1:  # never buffer more than was asked
+                        break
+            except RuntimeError as exc:  # aiohttp's "Connection closed.": the peer went away
+                raise aiohttp.ClientPayloadError(f"the answer was cut short: {exc}") from None
         if len(body) != last - first + 1:
             raise ValueError(f"asked for {last - first + 1} bytes, got {len(body)}")
         return bytes(body)

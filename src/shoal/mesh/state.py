@@ -227,7 +227,9 @@ def decode(raw: bytes) -> NodeState:
         api_port=_int(doc, "api_port", 1, 65535),
         seq=_int(doc, "seq", 0, 2**63),
         uptime_s=_number(doc, "uptime_s"),
-        models=tuple(_model(m) for m in models),
+        # A model whose name is not a valid model name (a path, `..`, a control
+        # character) is left out, not the peer: one odd backend must not cut a node off.
+        models=tuple(m for m in map(_model, models) if is_valid_name(m.id)),
         load=Load(
             in_flight=_int(load, "in_flight", 0, 1 << 30),
             queued=_int(load, "queued", 0, 1 << 30),
