@@ -530,3 +530,17 @@ class SwarmMachine(RuleBasedStateMachine):
 
 TestSwarmMachine = SwarmMachine.TestCase
 TestSwarmMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_a_salt_gives_each_pull_its_own_order_among_equally_rare_chunks() -> None:
+    """Pullers starting together from one seed must not all ask for chunk 0 first, or
+    none would ever hold a chunk the others lack."""
+    firsts = set()
+    for salt in range(8):
+        swarm = Swarm(64 * CHUNK_BYTES, salt=salt * 7919)
+        swarm.add_source("seed", range(64), 0.0)
+        firsts.add(swarm.next_requests(0.0)[0].first)
+    assert len(firsts) >= 4, firsts
+    plain = Swarm(64 * CHUNK_BYTES)
+    plain.add_source("seed", range(64), 0.0)
+    assert plain.next_requests(0.0)[0].first == 0

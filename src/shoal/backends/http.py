@@ -234,7 +234,7 @@ class HttpTransport:
             response.raise_for_status()
             return orjson.loads(await response.read())
 
-    async def get_range(self, path: str, first: int, last: int, timeout_s: float) -> bytes:
+    async def get_range(self, path: str, first: int, last: int, timeout_s: float) -> bytearray:
         """GET bytes `first`..`last` (inclusive) of a file (peer protocol): the body of a
         206 of exactly that length, within `timeout_s` in all. Raises aiohttp errors
         (ClientResponseError on another status), TimeoutError, or ValueError if the
@@ -251,17 +251,22 @@ class HttpTransport:
                 raise ValueError(
                     f"asked for {last - first + 1} bytes, told {response.content_length}"
                 )
-            body = bytearray()
+            # Read into one buffer of the size asked for: each byte is copied once (this
+            # was a third of a pull's CPU when the buffer grew and was copied out).
+            expected = last - first + 1
+            body = bytearray(expected)
+            view, got = memoryview(body), 0
             try:
                 async for piece in response.content.iter_any():
-                    body += piece
-                    if len(body) > last - first + 1:  # never buffer more than was asked
-                        break
+                    if got + len(piece) > expected:  # never buffer more than was asked
+                        raise ValueError(f"asked for {expected} bytes, got more")
+                    view[got : got + len(piece)] = piece
+                    got += len(piece)
             except RuntimeError as exc:  # aiohttp's "Connection closed.": the peer went away
                 raise aiohttp.ClientPayloadError(f"the answer was cut short: {exc}") from None
-        if len(body) != last - first + 1:
-            raise ValueError(f"asked for {last - first + 1} bytes, got {len(body)}")
-        return bytes(body)
+        if got != expected:
+            raise ValueError(f"asked for {expected} bytes, got {got}")
+        return body
 
     async def post(self, path: str, body: bytes, timeout_s: float) -> bytes:
         """POST a small JSON message (peer protocol); the answer's body on 2xx.

@@ -48,7 +48,9 @@ class PeerLink:
         """The peer's manifest of the file `sha256` (`shoal.api.share`), unchecked JSON."""
         return await self._transport.get_json(f"/shoal/v1/files/{sha256}/manifest", timeout_s)
 
-    async def file_range(self, sha256: str, first: int, last: int, timeout_s: float) -> bytes:
+    async def file_range(
+        self, sha256: str, first: int, last: int, timeout_s: float
+    ) -> bytes | bytearray:
         """Bytes `first`..`last` (inclusive, whole chunks) of the file `sha256`."""
         return await self._transport.get_range(f"/shoal/v1/files/{sha256}", first, last, timeout_s)
 

@@ -106,7 +106,7 @@ class Partial:
     def chunk_size(self, index: int) -> int:
         return min(self.chunk_bytes, self.size - index * self.chunk_bytes)
 
-    def write(self, index: int, data: bytes, expected: str | None = None) -> bool:
+    def write(self, index: int, data: bytes | memoryview, expected: str | None = None) -> bool:
         """Write chunk `index` if its SHA-256 is the manifest's (and `expected`, if given).
         False if it was already written. ChecksumMismatch, writing nothing, if not."""
         fd = self._open_fd()

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -96,7 +97,9 @@ class FileSource(Protocol):
 
     async def file_manifest(self, sha256: str, timeout_s: float) -> object: ...
 
-    async def file_range(self, sha256: str, first: int, last: int, timeout_s: float) -> bytes: ...
+    async def file_range(
+        self, sha256: str, first: int, last: int, timeout_s: float
+    ) -> bytes | bytearray: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +339,10 @@ async def _fetch(
     downloads.begin(manifest, partial.path, partial.have)
     try:
         resumed = len(partial.have)
-        swarm = Swarm(manifest.size, manifest.chunk_bytes, verified=partial.have, tuning=tuning)
+        swarm = Swarm(
+            manifest.size, manifest.chunk_bytes, verified=partial.have, tuning=tuning,
+            salt=random.getrandbits(64),  # pullers that start together ask in other orders
+        )  # fmt: skip
         meter = _Meter(offer, partial, resumed, on_progress, swarm)
         fetched = await _Transfer(
             manifest, swarm, partial, everyone, downloads, run, request_timeout_s, meter
@@ -379,8 +385,8 @@ class _Transfer:
         self.everyone, self.downloads, self.worker = everyone, downloads, run
         self.timeout_s, self.meter = timeout_s, meter
         self.sources: dict[str, FileSource] = {}
-        self.tasks: dict[asyncio.Task[bytes], Request] = {}
-        self.by_request: dict[int, asyncio.Task[bytes]] = {}
+        self.tasks: dict[asyncio.Task[bytes | bytearray], Request] = {}
+        self.by_request: dict[int, asyncio.Task[bytes | bytearray]] = {}
         self.refreshed = -math.inf
         self.progressed = time.monotonic()  # the last chunk accepted, or a chunk to ask
 
@@ -446,7 +452,7 @@ class _Transfer:
                 f"{len(self.swarm.missing())} chunks missing, no source left that holds them"
             )
 
-    async def answered(self, task: asyncio.Task[bytes]) -> int:
+    async def answered(self, task: asyncio.Task[bytes | bytearray]) -> int:
         request = self.tasks.pop(task)
         self.by_request.pop(request.serial, None)
         try:
@@ -475,7 +481,7 @@ class _Transfer:
             )
 
 
-def _write(partial: Partial, request: Request, data: bytes) -> dict[int, bool]:
+def _write(partial: Partial, request: Request, data: bytes | bytearray) -> dict[int, bool]:
     """Each chunk of an answer checked and, if good, written (worker thread): the verdicts."""
     verdicts: dict[int, bool] = {}
     view = memoryview(data)
@@ -483,7 +489,7 @@ def _write(partial: Partial, request: Request, data: bytes) -> dict[int, bool]:
     for index in request.chunks:
         size = partial.chunk_size(index)
         try:
-            partial.write(index, bytes(view[offset : offset + size]))
+            partial.write(index, view[offset : offset + size])
             verdicts[index] = True
         except ChecksumMismatch:
             verdicts[index] = False

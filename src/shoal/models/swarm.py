@@ -20,7 +20,8 @@ Choosing, per source with room (fastest first, one request each per round):
   small runs and cannot hold a large part of the file hostage;
 - 4 to 8 requests in flight per source: more for a fast one, enough to keep its link
   busy for `pipeline_target_s` while answers travel;
-- rarest first (fewest live holders, then lowest index) within a window of
+- rarest first (fewest live holders, then lowest index, or an order of the pull's own
+  with a `salt`) within a window of
   `window_chunks` ahead of the lowest missing chunk, so rare chunks spread before their
   only holder leaves and the file fills roughly front to back; beyond the window only
   when the source has nothing in it;
@@ -47,6 +48,7 @@ from typing import Final
 CHUNK_BYTES: Final = 1 << 20  # DESIGN.md §6: manifests hash every 1 MiB
 MAX_RUN_CHUNKS: Final = 16  # the serving side's Range limit (DESIGN.md §6)
 _MIN_SAMPLE_S: Final = 1e-3
+_MASK_64: Final = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -152,13 +154,18 @@ class Swarm:
         *,
         verified: Iterable[int] = (),
         tuning: Tuning = Tuning(),
+        salt: int | None = None,
     ) -> None:
+        """`salt`: break ties between equally rare chunks in an order of its own (a
+        random one per pull), not lowest first: pullers that start together then ask
+        the seed for different chunks, and have chunks to give each other."""
         if size < 0 or chunk_bytes < 1:
             raise ValueError("need size >= 0 and chunk_bytes >= 1")
         self.size = size
         self.chunk_bytes = chunk_bytes
         self.chunk_count = -(-size // chunk_bytes)
         self.tuning = tuning
+        self._salt = salt
         n = self.chunk_count
         self._verified = bytearray(n)
         self._holders = [0] * n  # live sources holding each chunk
@@ -386,14 +393,16 @@ class Swarm:
 
     def _rarest(self, src: _Source, span: range, wanted: Callable[[int], bool]) -> int | None:
         best: int | None = None
-        best_key = (0, 0)
+        best_key = (0, 0, 0)
+        salt = self._salt
         # Iterate the smaller of the span and the source's holdings.
         candidates: Iterable[int] = (
             span if len(span) <= len(src.have) else sorted(i for i in src.have if i in span)
         )
         for i in candidates:
             if wanted(i):
-                key = (self._asked[i], self._holders[i])
+                tie = i if salt is None else ((i ^ salt) * 0x9E3779B97F4A7C15) & _MASK_64
+                key = (self._asked[i], self._holders[i], tie)
                 if best is None or key < best_key:
                     best, best_key = i, key
         return best
