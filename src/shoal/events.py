@@ -9,7 +9,7 @@ subscribe beside them without touching the publishers.
     publisher                     events
     ─────────────────────────     ──────────────────────────────────────────────────
     mesh.peers.Peers              PeerJoined PeerSuspect PeerRecovered PeerRemoved
-                                  PeerAddressChanged PeerStateChanged
+                                  PeerAddressChanged PeerStateChanged HeartbeatAnswered
     trust.admission.Admission     TrustChanged
     backends.registry             BackendUp BackendDown BackendModelsChanged
                                   ModelLoaded ModelUnloaded
@@ -19,6 +19,7 @@ subscribe beside them without touching the publishers.
     routing.dispatch              RequestRouted RequestFirstByte RequestFinished
     routing.ledger.LoadLedger     LoadChanged
     api.pull.Pulls                ModelPullProgress ModelPulled ModelPullFailed
+    api.share (to be wired)       ModelBytesServed
 
 Delivery is synchronous, in the order of publishing, to plain functions: publishing is
 a dictionary lookup and a call per subscriber, cheap enough for the request path. A
@@ -250,6 +251,9 @@ class RequestFinished(Event):
     outcome: Outcome
     first_byte_s: float | None
     total_s: float
+    node_id: str | None = None  # the node that served it (ours for a local backend)
+    tokens_in: int | None = None  # from the usage the answer carried, if it did
+    tokens_out: int | None = None
 
 
 # -- load (routing.ledger) ---------------------------------------------------------------
@@ -261,6 +265,20 @@ class LoadChanged(Event):
 
     in_flight: int  # requests running on this node's backends
     queued: int
+
+
+# -- heartbeats (mesh.peers) -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAnswered(Event):
+    """A state exchange with a peer (a heartbeat or a push) came back.
+
+    Not a `PeerEvent`: those say what changed; this comes with every beat.
+    """
+
+    peer_id: str
+    round_trip_s: float
 
 
 # -- the bus -----------------------------------------------------------------------------
@@ -335,6 +353,12 @@ class Subscription(Generic[E]):
             await self._ready.wait()
         return self._events.popleft()
 
+    def drain(self) -> list[E]:
+        """Every event queued now, oldest first, without waiting (a reader's batch)."""
+        events = list(self._events)
+        self._events.clear()
+        return events
+
     def close(self) -> None:
         self._unsubscribe()
 
@@ -372,3 +396,11 @@ class ModelPullFailed(Event):
     model: str
     code: str | None  # "checksum_mismatch", "insufficient_storage", "cancelled", ...
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelBytesServed(Event):
+    """Bytes of a model file sent to a paired peer (a range answered by api.share)."""
+
+    peer_id: str
+    nbytes: int

@@ -16,7 +16,9 @@ subscribed here:
     PeerStateChanged                          meet the nodes the peer introduces
                                               (`shoal.mesh.introductions`)
     peers, trust, backends (all of them)      one log line each
-    RequestFinished (debug logging only)      one debug line per request
+    RequestFinished (info logging)            one line per request (`shoal.requests`)
+    RequestRouted (debug logging)             one line per routing decision
+    (many: `shoal.api.metrics`)               the counters of GET /metrics
 
 The model catalog is scanned at start and every `models.rescan_interval_s`; the managed
 engines join the backends once it holds a model, so a node without GGUFs lists none.
@@ -31,7 +33,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from shoal.api import pull, services, share
+from shoal import dashboard
+from shoal.api import metrics, pull, services, share
 from shoal.api.access import HEADER_LIMITS, MachineHosts, is_loopback_address, peer_port_caller
 from shoal.api.app import build_app
 from shoal.api.connections import ConnectionBook, connection_caps
@@ -56,6 +59,7 @@ from shoal.events import (
     PeerStateChanged,
     PeerSuspect,
     RequestFinished,
+    RequestRouted,
     TrustChanged,
 )
 from shoal.mesh import identity, scan
@@ -82,6 +86,7 @@ from shoal.trust.service import Trust
 from shoal.trust.store import TrustState
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("shoal.requests")  # one line per request, at info
 
 
 class Node:
@@ -159,11 +164,11 @@ class Node:
         )
 
         # Requests.
-        router = Router(
+        self.router = Router(
             self.node_id, self.name, self.registry, self.peers, self.ledger, settings.routing
         )
         self.dispatcher = Dispatcher(
-            router, self.ledger, self.bus, deadline_s=settings.routing.retry_deadline_s
+            self.router, self.ledger, self.bus, deadline_s=settings.routing.retry_deadline_s
         )
         self.views = Views(
             node_id=self.node_id,
@@ -220,8 +225,11 @@ class Node:
             share.Pacer(
                 settings.models.share_rate_limit * 1e6, lambda: self.ledger.local_in_flight > 0
             ),
+            self.bus,
         )
         app[services.LIMITS] = settings.limits
+        self.metrics = app[metrics.METRICS] = metrics.Metrics(self.bus, self.views)
+        dashboard.install(app, self.bus, self.views, lambda: self.trust.mode)
         return app
 
     # -- reactions ------------------------------------------------------------------------
@@ -234,11 +242,14 @@ class Node:
         bus.subscribe(TrustChanged, self._trust_changed)
         bus.subscribe(PeerJoined, lambda event: self._first_peer.set())
         bus.subscribe(PeerStateChanged, self.introducer.heard)
-        # The log hears membership, trust and backend changes, never the request path.
+        # The log hears membership, trust and backend changes; requests only when their
+        # level is on (the subscriber is the cost on the request path, not the filter).
         for logged in (PeerEvent, TrustChanged, BackendUp, BackendDown):
             bus.subscribe(logged, _log_event)
-        if log.isEnabledFor(logging.DEBUG):
-            bus.subscribe(RequestFinished, _log_request)
+        if request_log.isEnabledFor(logging.INFO):
+            bus.subscribe(RequestFinished, lambda e: _log_request(e, self.node_id, self.name))
+        if request_log.isEnabledFor(logging.DEBUG):
+            bus.subscribe(RequestRouted, _log_routed)
 
     def _load_changed(self, event: LoadChanged) -> None:
         # Peers rank us by load: tell them when we cross the spillover threshold, the
@@ -431,12 +442,39 @@ def _log_trust(event: TrustChanged) -> None:
             log.info("forgot %s", who)
 
 
-def _log_request(event: RequestFinished) -> None:
-    first = "-" if event.first_byte_s is None else f"{event.first_byte_s * 1000:.1f} ms"
-    log.debug(
-        "request %d %s %s -> %s %s: %d %s (first byte %s, total %.1f ms)",
-        event.request_id, event.op.value, event.model, event.route or "-", event.target or "-",
-        event.status, event.outcome, first, event.total_s * 1000,
+def _log_request(event: RequestFinished, own_id: str, own_name: str) -> None:
+    """One line per request; its fields as `extra` too, for `--log-format json`."""
+    node = own_name if event.node_id == own_id else event.target  # a peer's target: its name
+    first_ms = None if event.first_byte_s is None else round(event.first_byte_s * 1000, 1)
+    total_ms = round(event.total_s * 1000, 1)
+    model = event.model if event.model.isprintable() else repr(event.model)  # client input
+    served_by = node if event.target == node else f"{node} ({event.target})"  # (backend)
+    request_log.info(
+        "request %d %s %s: %d %s, route %s, served by %s, first byte %s ms, total %s ms",
+        event.request_id, event.op.value, model, event.status, event.outcome,
+        event.route or "-", served_by if node else "-",
+        "-" if first_ms is None else first_ms, total_ms,
+        extra={"request": {
+            "id": event.request_id, "op": event.op.value, "model": event.model,
+            "route": event.route, "node": node, "target": event.target,
+            "status": event.status, "outcome": event.outcome,
+            "first_byte_ms": first_ms, "total_ms": total_ms,
+            "tokens_in": event.tokens_in, "tokens_out": event.tokens_out,
+        }},
+    )  # fmt: skip
+
+
+def _log_routed(event: RequestRouted) -> None:
+    model = event.model if event.model.isprintable() else repr(event.model)
+    request_log.debug(
+        "request %d %s %s routed %s to %s (node %s) after %d failed attempt(s)",
+        event.request_id, event.op.value, model, event.route, event.target,
+        short_id(event.node_id), event.attempt,
+        extra={"routed": {
+            "id": event.request_id, "op": event.op.value, "model": event.model,
+            "route": event.route, "target": event.target, "node_id": event.node_id,
+            "attempt": event.attempt,
+        }},
     )  # fmt: skip
 
 

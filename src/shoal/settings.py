@@ -291,6 +291,8 @@ class Settings(BaseSettings):
     lan: bool = False
     data_dir: Path = Field(default_factory=default_data_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # text: for people; json: one object per line, for a log shipper (`shoal.logs`).
+    log_format: Literal["text", "json"] = "text"
     backends: tuple[BackendSettings, ...] = ()
     # Peers to join by address, for networks where mDNS does not reach.
     peers: tuple[str, ...] = ()

@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
+from shoal.events import ModelBytesServed
 from shoal.models.manifest import CACHE_FILE, CHUNK_BYTES
 from shoal.trust import certs
 from tests.cluster import RunningNode, model_node, wait_until
@@ -94,6 +95,10 @@ async def test_a_paired_peer_gets_the_manifest_and_byte_ranges_of_a_held_file(
                 assert [
                     hashlib.sha256(got[i : i + MiB]).hexdigest() for i in range(0, len(got), MiB)
                 ] == manifest["chunks"][first : first + chunks]
+            # Each range served is told, for /metrics: to whom, how many bytes.
+            served = [e for e in a.events if isinstance(e, ModelBytesServed)]
+            assert {e.peer_id for e in served} == {b.node_id}
+            assert sum(e.nbytes for e in served) == 19 * MiB + 2 * (size - last * MiB)
             headers = {"Range": f"bytes=0-{MiB - 1}"}
             async with session.head(files, headers=headers) as response:
                 assert response.status == 206

@@ -431,6 +431,8 @@ def test_every_route_declares_an_audience_and_the_node_protocol_is_not_client() 
     [
         ("GET", "/healthz", 200),
         ("HEAD", "/healthz", 200),
+        ("GET", "/", 200),  # the dashboard's page and files: no data in them
+        ("GET", "/dashboard/app.js", 200),
         ("POST", "/shoal/v1/trust/hello", 200),
         ("POST", "/shoal/v1/trust/confirm", 200),
         # The peer protocol needs a paired node's certificate: not a key, not the LAN.
@@ -439,6 +441,7 @@ def test_every_route_declares_an_audience_and_the_node_protocol_is_not_client() 
         ("GET", "/shoal/v1/files/" + "ab" * 32, 403),  # model files: paired peers only
         ("HEAD", "/shoal/v1/files/" + "ab" * 32, 403),
         ("GET", "/shoal/v1/files/" + "ab" * 32 + "/manifest", 403),
+        ("POST", "/shoal/v1/peer/models/pull", 403),  # a peer's operator: `pull --on`
         # What makes the node contact addresses or changes trust: this machine only.
         ("POST", "/shoal/v1/peers", 403),
         ("POST", "/shoal/v1/peers/scan", 403),
@@ -451,6 +454,8 @@ def test_every_route_declares_an_audience_and_the_node_protocol_is_not_client() 
         # Everything else needs a key, operator views included.
         ("GET", "/shoal/v1/status", 401),
         ("GET", "/shoal/v1/peers", 401),
+        ("GET", "/shoal/v1/events", 401),  # the dashboard's live view
+        ("GET", "/metrics", 401),  # as status: a Prometheus on the LAN sends a key
         ("GET", "/healthz/x", 401),
         ("GET", "/shoal/v1/mesh", 401),
         ("GET", "/nowhere", 401),  # unknown paths too: no probing without a key
@@ -476,6 +481,8 @@ def test_the_test_table_covers_every_route() -> None:
         "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
         "/shoal/v1/models/local", "/shoal/v1/models/load", "/shoal/v1/models/unload",
         "/shoal/v1/models/pull", "/shoal/v1/files/{sha256}", "/shoal/v1/files/{sha256}/manifest",
+        "/shoal/v1/events", "/", "/dashboard/{asset}", "/shoal/v1/peer/models/pull",
+        "/metrics",
     }  # fmt: skip
     assert {r.path for r in ROUTES} == covered
 

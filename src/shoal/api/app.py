@@ -9,10 +9,11 @@ from typing import Literal
 from aiohttp import web
 
 from shoal import protocol as p
-from shoal.api import mesh, openai, operator, pull, share
+from shoal.api import mesh, metrics, openai, operator, pull, share
 from shoal.api.access import access_middleware
 from shoal.api.audience import Audience, Caller
 from shoal.api.errors import Handler, errors_middleware
+from shoal.dashboard import pages, stream
 from shoal.settings import ClusterMode, Settings
 from shoal.trust.keys import KeyStore
 
@@ -36,6 +37,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", p.EMBEDDINGS_PATH, openai.embeddings, CLIENT),
     Route("GET", p.HEALTHZ_PATH, operator.healthz, PUBLIC),
     Route("GET", p.STATUS_PATH, operator.status, CLIENT),
+    Route("GET", p.METRICS_PATH, metrics.metrics, CLIENT),  # what status shows, as counters
     Route("GET", p.PEERS_PATH, operator.list_peers, CLIENT),
     Route("POST", p.PEERS_PATH, operator.join, LOCAL),  # makes the node contact an address
     Route("POST", p.SCAN_PATH, operator.scan, LOCAL),
@@ -52,6 +54,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", share.FILE_PATH, share.file_range, PEER),
     Route("POST", pull.PULL_PATH, pull.pull_model, LOCAL),  # downloads, writes the store
     Route("POST", p.PEER_PULL_PATH, pull.pull_for_peer, PEER),  # `pull --on` this node
+    Route("GET", p.EVENTS_PATH, stream.events, CLIENT),  # the live view; pairs: operator only
+    Route("GET", p.DASHBOARD_PATH, pages.index, PUBLIC),  # static files, no data in them
+    Route("GET", p.DASHBOARD_ASSET_PATH, pages.asset, PUBLIC),
 )
 
 

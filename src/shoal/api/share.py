@@ -40,7 +40,9 @@ from typing import BinaryIO, Literal
 
 from aiohttp import web
 
+from shoal.api.access import CALLER
 from shoal.errors import Forbidden, InvalidRequest, NotFound, RangeNotSatisfiable
+from shoal.events import EventBus, ModelBytesServed
 from shoal.models.catalog import Catalog, LocalModel
 from shoal.models.downloads import Downloads
 from shoal.models.manifest import (
@@ -107,12 +109,14 @@ class Shares:
         policy: Literal["off", "paired"],
         downloads: Downloads | None = None,
         pacer: Pacer | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         self._catalog = catalog
         self._cache = cache
         self.policy = policy
         self.downloads = downloads or Downloads()
         self.pacer = pacer or Pacer(0, lambda: False)
+        self.bus = bus or EventBus()  # ModelBytesServed, for /metrics
         self._verified: dict[str, Served] = {}
         self._damaged: dict[str, CacheKey] = {}  # refused until the file changes
         self._locks: dict[str, asyncio.Lock] = {}
@@ -269,6 +273,10 @@ async def file_range(request: web.Request) -> web.StreamResponse:
                 else:  # TLS encrypts in user space: read whole chunks in a thread, write them
                     await _copy(file, piece, response)
             await response.write_eof()
+            bus = request.app[SHARES].bus
+            caller = request.get(CALLER)
+            if caller is not None and caller.peer and bus.wants(ModelBytesServed):
+                bus.publish(ModelBytesServed(caller.peer, byte_range.length))
         except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
             # The puller hung up: a duplicate answered elsewhere first, or it gave up on
             # this node. Ordinary in a swarm, not an error.

@@ -48,13 +48,15 @@ class Views:
         self._admission = admission
         self._started_at = time.time()
 
-    async def status(self) -> dict[str, Any]:
-        """This node, its backends probed now (one that is slow keeps its last status)."""
-        entries = list(self._registry.entries())
-        probes = asyncio.gather(*(self._registry.probe(e) for e in entries))
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(REFRESH_TIMEOUT_S):
-                await probes
+    async def status(self, *, probe: bool = True) -> dict[str, Any]:
+        """This node, its backends probed now (one that is slow keeps its last status);
+        `probe=False`: as last known, for a live view that redraws on every change."""
+        if probe:
+            entries = list(self._registry.entries())
+            probes = asyncio.gather(*(self._registry.probe(e) for e in entries))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REFRESH_TIMEOUT_S):
+                    await probes
         return {
             "name": self.name,
             "node_id": self.node_id,
@@ -75,6 +77,10 @@ class Views:
 
     def peers(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "peers": [peer(p) for p in self._peers.peers()]}
+
+    def load(self) -> dict[str, Any]:
+        """This node's load now, from the ledger, nothing probed (for `/metrics`)."""
+        return self._ledger.statistics()
 
     def models(self, *, local_only: bool) -> dict[str, Any]:
         """Every model the cluster can serve now, each once, with the nodes that hold it."""
@@ -147,6 +153,9 @@ def peer(p: Peer) -> dict[str, Any]:
         "last_seen_s_ago": None if view.last_seen is None else round(now - view.last_seen, 1),
         "heartbeat_interval_s": view.interval_s,
         "version": state.version if state else None,
+        "clock_offset_s": (
+            None if p.clock_offset_s is None else round(p.clock_offset_s, 3)
+        ),  # its wall clock minus ours
         "uptime_s": state.uptime_s if state else None,
         "models": [
             {"id": m.id, "loaded": m.loaded, "operations": list(m.operations)}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +11,7 @@ from rich.table import Table
 
 from shoal import protocol
 from shoal import settings as settings_mod
-from shoal.cli import cluster, config_file
+from shoal.cli import cluster, config_file, demo, doctor, init_config, service
 from shoal.cli.common import (
     ConfigOpt,
     JsonOpt,
@@ -70,6 +68,9 @@ def serve(
         typer.Option("--lan/--no-lan", help="Bind 0.0.0.0 and find peers by mDNS (default off)."),
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="text (default), or json: one object per line.")
+    ] = None,
 ) -> None:
     """Run a node: serve the models this machine holds on an OpenAI-compatible API."""
     base = load_settings(config)
@@ -83,15 +84,14 @@ def serve(
         name=name,
         lan=lan,
         log_level=log_level,
+        log_format=log_format,
         backends=[*(b.model_dump() for b in base.backends), *extra] if extra else None,
         engine=None if embedded is None else {**base.engine.model_dump(), "enabled": embedded},
         detect=None if detect is None else {**base.detect.model_dump(), "enabled": detect},
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from shoal import logs
+
+    logs.configure(settings.log_level, settings.log_format)
     from shoal.api.access import install_log_redaction
 
     install_log_redaction()
@@ -162,3 +162,7 @@ def config_set(
 
 
 cluster.register(app)
+app.command()(doctor.doctor)
+app.command()(init_config.init)
+app.add_typer(service.service_app, name="service")
+app.command()(demo.demo)

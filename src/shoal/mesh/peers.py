@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from shoal.backends.http import PROBE_ERRORS
 from shoal.events import (
     EventBus,
+    HeartbeatAnswered,
     PeerAddressChanged,
     PeerEvent,
     PeerJoined,
@@ -63,6 +64,9 @@ class Dialer(Protocol):
 class Peer:
     view: PeerView
     state: NodeState | None
+    # Its wall clock minus ours, in seconds, as its last snapshot arrived (None: it does
+    # not send its clock).
+    clock_offset_s: float | None = None
 
     @property
     def name(self) -> str:
@@ -87,6 +91,7 @@ class Peers:
         self._limits = limits
         self.membership = Membership(self_id, settings.timing())
         self._states: dict[str, NodeState] = {}
+        self._clock_offsets: dict[str, float] = {}  # by peer id, see `Peer.clock_offset_s`
         self._links: dict[tuple[str, str], PeerLink] = {}  # by (peer id, TLS URL)
         self._wake = asyncio.Event()
         self._push = asyncio.Event()
@@ -100,7 +105,10 @@ class Peers:
     # -- what the rest of the node sees ---------------------------------------------
 
     def peers(self) -> list[Peer]:
-        return [Peer(view, self._states.get(view.peer_id)) for view in self.membership.views()]
+        return [
+            Peer(view, self._states.get(view.peer_id), self._clock_offsets.get(view.peer_id))
+            for view in self.membership.views()
+        ]
 
     def routable(self) -> list[Peer]:
         """Peers with a snapshot that are alive, then suspect ones (pushes and goodbyes go
@@ -191,6 +199,8 @@ class Peers:
         self._push.set()
 
     def _keep(self, state: NodeState) -> None:
+        if state.clock is not None:  # measured on every snapshot, changed or not
+            self._clock_offsets[state.node_id] = state.clock - time.time()
         old = self._states.get(state.node_id)
         restarted = old is not None and state.uptime_s < old.uptime_s
         if old is None or state.seq > old.seq or restarted:
@@ -262,6 +272,7 @@ class Peers:
                 self._quiet.set()
 
     async def _beat_once(self, peer_id: str) -> None:
+        sent = time.monotonic()
         try:
             state = await self._exchange(peer_id)
         except _BEAT_ERRORS:
@@ -270,8 +281,11 @@ class Peers:
         if state.node_id != peer_id:  # cannot pass the pinned TLS; refuse it all the same
             self._apply(self.membership.heartbeat_failed(peer_id, time.monotonic()))
             return
+        now = time.monotonic()
+        if self._bus.wants(HeartbeatAnswered):
+            self._bus.publish(HeartbeatAnswered(peer_id, now - sent))
         self._keep(state)
-        self._apply(self.membership.heartbeat_succeeded(peer_id, time.monotonic()))
+        self._apply(self.membership.heartbeat_succeeded(peer_id, now))
 
     async def _exchange(self, peer_id: str) -> NodeState:
         timeout = self._settings.heartbeat_timeout_s

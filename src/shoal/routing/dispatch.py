@@ -43,7 +43,7 @@ from shoal.events import (
     RequestRouted,
     Route,
 )
-from shoal.protocol import error_message
+from shoal.protocol import error_message, usage_counts
 from shoal.routing.ledger import LoadLedger, Slot
 from shoal.routing.rank import HopPolicy
 from shoal.routing.router import Router, Target
@@ -62,13 +62,16 @@ class Answer:
     answer has been read whole.
     """
 
-    __slots__ = ("_first", "_rest", "_upstream", "streamed")
+    __slots__ = ("_first", "_rest", "_upstream", "streamed", "tail")
 
     def __init__(self, upstream: Upstream, first: bytes, rest: AsyncIterator[bytes] | None) -> None:
         self._upstream = upstream
         self._first = first
         self._rest = rest
         self.streamed = rest is not None
+        # The end of the answer, once relayed: where its usage is (the whole of an answer
+        # read at once; a stream's last two chunks, its usage event and `[DONE]`).
+        self.tail = b"" if self.streamed else first
 
     @property
     def upstream(self) -> Upstream:
@@ -98,8 +101,11 @@ class Answer:
         if self._first:
             yield self._first
         if self._rest is not None:
+            before = last = self._first
             async for chunk in self._rest:
+                before, last = last, chunk
                 yield chunk
+            self.tail = before + last
 
     async def read(self) -> bytes:
         if self._rest is None:
@@ -188,6 +194,7 @@ class Dispatcher:
         outcome: Outcome,
         status: int,
     ) -> None:
+        usage = usage_counts(opened.answer.tail) if opened and outcome == "ok" else None
         self._bus.publish(
             RequestFinished(
                 request_id,
@@ -199,6 +206,9 @@ class Dispatcher:
                 outcome=outcome,
                 first_byte_s=opened.first_byte_s if opened else None,
                 total_s=time.monotonic() - started,
+                node_id=opened.target.candidate.node_id if opened else None,
+                tokens_in=usage[0] if usage else None,
+                tokens_out=usage[1] if usage else None,
             )
         )
 
