@@ -56,6 +56,22 @@ async def test_a_peer_that_sends_its_state_joins_and_newer_states_are_kept(
     assert kinds == [PeerStateChanged, PeerJoined]
 
 
+async def test_a_late_older_snapshot_is_no_restart_a_new_boot_is(
+    recorded: tuple[EventBus, list[Event]],
+) -> None:
+    """A heartbeat's answer that arrives after a push carries a lower seq and uptime:
+    older, not a restart. A new boot ID is a restart, whatever its seq."""
+    bus, _ = recorded
+    peers = make(bus)
+    newer = NodeState(PEER, "peer", "0", 11450, 9, 30.0, boot="aaaa1111")
+    peers.received(newer, "http://10.0.0.2:11450")
+    peers.received(NodeState(PEER, "peer", "0", 11450, 8, 29.5, boot="aaaa1111"), "x")
+    assert peers.routable()[0].state == newer
+    restarted = NodeState(PEER, "peer", "0", 11450, 1, 0.5, boot="bbbb2222")
+    peers.received(restarted, "http://10.0.0.2:11450")
+    assert peers.routable()[0].state == restarted
+
+
 async def test_forgetting_a_peer_with_no_link_works_and_says_why(
     recorded: tuple[EventBus, list[Event]],
 ) -> None:

@@ -4,6 +4,7 @@ files it is pulling (`files`, wired to `Downloads`)."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 
@@ -33,6 +34,7 @@ class OwnState:
         self._capacity = capacity
         self._seq = 0
         self._started = time.monotonic()
+        self.boot = secrets.token_hex(8)  # this start of the process
         self.introductions: Callable[[], tuple[Introduction, ...]] = tuple
         self.files: Callable[[], tuple[FileAdvert, ...]] = tuple  # files being pulled
 
@@ -69,4 +71,5 @@ class OwnState:
             peers=self.introductions(),
             files=self.files(),
             clock=time.time(),
+            boot=self.boot,
         )

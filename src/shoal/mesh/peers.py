@@ -202,7 +202,12 @@ class Peers:
         if state.clock is not None:  # measured on every snapshot, changed or not
             self._clock_offsets[state.node_id] = state.clock - time.time()
         old = self._states.get(state.node_id)
-        restarted = old is not None and state.uptime_s < old.uptime_s
+        # A restart begins `seq` again. With boot IDs on both, only a new one says so: a
+        # late answer (a heartbeat's, after a push) has a lower uptime but is older.
+        if old is not None and old.boot is not None and state.boot is not None:
+            restarted = state.boot != old.boot
+        else:
+            restarted = old is not None and state.uptime_s < old.uptime_s
         if old is None or state.seq > old.seq or restarted:
             self._states[state.node_id] = state
             self._bus.publish(PeerStateChanged(state.node_id, state.name, state))

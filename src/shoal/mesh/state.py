@@ -149,6 +149,10 @@ class NodeState:
     # The sender's wall clock (Unix seconds) as it made the snapshot: receivers measure
     # the skew between clocks (`shoal doctor`). None from nodes that do not send it.
     clock: float | None = None
+    # Random per start of the sender's process: a new one means it restarted (its `seq`
+    # began again), so its snapshot replaces the old even with a lower `seq`. None from
+    # nodes that do not send it (then a lower uptime says so).
+    boot: str | None = None
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -176,6 +180,7 @@ class NodeState:
                 "peers": [{"node_id": p.node_id, "address": p.address} for p in self.peers],
                 **({"files": [_file_dict(f) for f in self.files]} if self.files else {}),
                 **({"clock": self.clock} if self.clock is not None else {}),
+                **({"boot": self.boot} if self.boot is not None else {}),
             }
         )
 
@@ -245,7 +250,16 @@ def decode(raw: bytes) -> NodeState:
         peers=_introductions(doc.get("peers", [])),
         files=_files(doc.get("files", [])),
         clock=None if doc.get("clock") is None else _number(doc, "clock"),
+        boot=_boot(doc.get("boot")),
     )
+
+
+def _boot(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 8 <= len(value) <= 32 or not value.isalnum():
+        raise ProtocolError("boot must be 8 to 32 letters and digits")
+    return value
 
 
 def _files(value: object) -> tuple[FileAdvert, ...]:
