@@ -32,7 +32,7 @@ def available() -> list[str]:
 
 ORDER = [
     "proxy_overhead", "throughput", "streaming", "routing_quality", "failover", "discovery",
-    "model_transfer", "engine_tokens",
+    "cluster_idle", "model_transfer", "engine_tokens",
 ]  # fmt: skip
 
 

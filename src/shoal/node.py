@@ -74,6 +74,7 @@ from shoal.models.downloads import Downloads
 from shoal.models.manifest import ManifestCache
 from shoal.models.stores import store_dir
 from shoal.process import install_accept_error_handler, open_file_limit, raise_fd_limit
+from shoal.routing.admission import AdmissionQueue
 from shoal.routing.dispatch import Dispatcher
 from shoal.routing.ledger import LoadLedger
 from shoal.routing.router import Router
@@ -167,8 +168,19 @@ class Node:
         self.router = Router(
             self.node_id, self.name, self.registry, self.peers, self.ledger, settings.routing
         )
+        routing = settings.routing
+        self.queue = AdmissionQueue(
+            self.bus,
+            max_queue=routing.queue_max,
+            max_wait_s=routing.queue_wait_s,
+            weights=routing.class_weights,
+        )
         self.dispatcher = Dispatcher(
-            self.router, self.ledger, self.bus, deadline_s=settings.routing.retry_deadline_s
+            self.router,
+            self.ledger,
+            self.bus,
+            deadline_s=routing.retry_deadline_s,
+            admission=self.queue,
         )
         self.views = Views(
             node_id=self.node_id,

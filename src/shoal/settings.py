@@ -220,6 +220,17 @@ class RoutingSettings(_Section):
     model_aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     # Seconds for trying candidates in turn before giving up on a request.
     retry_deadline_s: float = Field(default=15.0, gt=0)
+    # Requests a local backend serves at once when it does not say. Managed llama-servers
+    # say their slots and the embedded engine 1: beyond that, requests queue here, fairly.
+    # None: an external server that does not say (Ollama, vLLM) queues by itself; set a
+    # number to queue here instead.
+    default_capacity: int | None = Field(default=None, ge=1, le=100_000)
+    # When every node holding a model is busy, a request waits, in weighted fair order
+    # between classes ("local": this node's clients; "peer": forwarded by peers), at
+    # most `queue_wait_s`, in a queue of at most `queue_max` per model; past either, 429.
+    queue_max: int = Field(default=64, ge=0, le=100_000)
+    queue_wait_s: float = Field(default=30.0, gt=0)
+    class_weights: dict[str, float] = Field(default_factory=lambda: {"local": 70.0, "peer": 30.0})
 
 
 class MeshSettings(_Section):

@@ -145,3 +145,29 @@ async def test_a_peer_joining_pushes_our_state_so_the_others_hear_of_it(
     peers._push.clear()
     peers.received(state(PEER, seq=2), "http://10.0.0.2:11450")  # a beat: nothing new
     assert not peers._push.is_set()
+
+
+async def test_peer_links_keep_idle_connections_past_the_longest_heartbeat() -> None:
+    # A beat every 30 s (long-stable peers) must reuse the pooled mTLS connection, not
+    # pay a TLS handshake each time; and the connection must be dropped before the peer's
+    # server-side idle timeout closes it under us.
+    from shoal.mesh.link import PeerLink
+
+    limits = LimitSettings()
+    link = PeerLink("https://10.0.0.1:11451", limits, ssl.create_default_context())
+    try:
+        keepalive = link._transport._client().connector._keepalive_timeout  # type: ignore[union-attr]
+        assert isinstance(keepalive, float)
+        assert MeshSettings().stable_interval_s < keepalive < limits.idle_timeout_s
+    finally:
+        await link.aclose()
+
+
+def test_api_addresses_are_normalised_the_same_when_memoized() -> None:
+    from shoal.mesh.state import api_address
+
+    for _ in range(2):  # the second call comes from the cache
+        assert api_address("http://10.0.0.1:11450/") == "http://10.0.0.1:11450"
+        assert api_address("http://[::1]:11450") == "http://[::1]:11450"
+        assert api_address("http://host:11450") is None
+        assert api_address(["not", "a", "string"]) is None

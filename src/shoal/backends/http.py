@@ -171,8 +171,11 @@ class HttpTransport:
         headers: dict[str, str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         silence: SilenceDetection | None = None,
+        keepalive_timeout_s: float = 15.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # How long an idle pooled connection is kept (aiohttp's default: 15 s).
+        self._keepalive_timeout_s = keepalive_timeout_s
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout_s, sock_read=read_timeout_s
         )
@@ -198,6 +201,7 @@ class HttpTransport:
                     ttl_dns_cache=60,
                     ssl=self._ssl if self._ssl is not None else True,
                     socket_factory=self._silence.socket if self._silence else None,
+                    keepalive_timeout=self._keepalive_timeout_s,
                 )
             self._session = aiohttp.ClientSession(
                 connector=connector,

@@ -309,7 +309,13 @@ class EngineBackend(SupervisedChild):
         self._bus.publish(BackendReported(self.name, self._status))
 
     def _detail(self, health: dict[str, Any]) -> dict[str, Any]:
-        detail = {"pid": self.pid, "restarts": self.restarts, "last_exit": self.last_exit}
+        # One request at a time: the worker has one context (routing queues the rest).
+        detail = {
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "capacity": 1,
+        }
         detail.update({k: v for k, v in health.items() if k not in ("status", "pid")})
         return detail
 

@@ -21,6 +21,13 @@ from shoal.mesh.state import NodeState, decode
 from shoal.protocol import GOODBYE_PATH, HOP_HEADER, PEER_PULL_PATH, STATE_PATH
 from shoal.settings import LimitSettings
 
+#: Idle seconds a pooled connection to a peer is kept. Above the longest heartbeat
+#: interval (30 s, long-stable peers), so every beat reuses the mTLS connection instead of
+#: paying a new TLS handshake (aiohttp's default, 15 s, closed it just before the 15 s and
+#: 30 s beats); below the peer's server-side idle timeout (`limits.idle_timeout_s`, 75 s by
+#: default), so we never send on a connection the peer is closing.
+KEEPALIVE_S = 45.0
+
 
 class PeerLink:
     def __init__(self, url: str, limits: LimitSettings, context: ssl.SSLContext) -> None:
@@ -35,6 +42,7 @@ class PeerLink:
             # A request waiting on a peer whose cable was pulled fails within seconds,
             # whenever the next heartbeat comes (established peers: every 15-30 s).
             silence=SilenceDetection(),
+            keepalive_timeout_s=min(KEEPALIVE_S, 0.6 * limits.idle_timeout_s),
         )
 
     async def exchange(self, ours: NodeState, timeout_s: float) -> NodeState:

@@ -44,9 +44,11 @@ from shoal.events import (
     Route,
 )
 from shoal.protocol import error_message, usage_counts
+from shoal.routing.admission import AdmissionQueue, PoolKey, free_slots
 from shoal.routing.ledger import LoadLedger, Slot
 from shoal.routing.rank import HopPolicy
 from shoal.routing.router import Router, Target
+from shoal.routing.scheduler import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +149,19 @@ class Opened:
 
 class Dispatcher:
     def __init__(
-        self, router: Router, ledger: LoadLedger, bus: EventBus, *, deadline_s: float
+        self,
+        router: Router,
+        ledger: LoadLedger,
+        bus: EventBus,
+        *,
+        deadline_s: float,
+        admission: AdmissionQueue | None = None,
     ) -> None:
         self._router = router
         self._ledger = ledger
         self._bus = bus
         self._deadline_s = deadline_s
+        self._admission = admission
         self._ids = itertools.count(1)
 
     @asynccontextmanager
@@ -164,8 +173,17 @@ class Dispatcher:
         opened: Opened | None = None
         outcome: Outcome = "failed"
         status = 500
+        admission, ticket = self._admission, None
+        pool: PoolKey = ()
         try:
-            opened = await self._open_first(request_id, started, op, model, body, policy)
+            targets = self._router.route(op, model, policy)
+            if admission is not None:
+                pool = (model, op.value, policy.pinned or "")
+                if not admission.may_start(pool, targets):
+                    ticket = await self._queued(admission, pool, op, model, policy)
+                    targets = self._router.route(op, model, policy)
+                    admission.dispatched(pool, ticket)  # the ledger counts it from here on
+            opened = await self._open_first(request_id, started, op, model, body, policy, targets)
             try:
                 yield opened
             finally:
@@ -181,8 +199,34 @@ class Dispatcher:
             raise
         finally:
             self._ledger.request_finished()
+            if admission is not None:  # a slot may be free: the next one waiting takes it
+                if ticket is not None:
+                    admission.done(pool, ticket)
+                    self._ledger.queued = admission.queued()
+                admission.changed()
             if self._bus.wants(RequestFinished):
                 self._finished(request_id, started, op, model, opened, outcome, status)
+
+    async def _queued(
+        self,
+        admission: AdmissionQueue,
+        pool: PoolKey,
+        op: Operation,
+        model: str,
+        policy: HopPolicy,
+    ) -> Ticket:
+        """Wait for a slot anywhere (429 if none comes in time, or the queue is full)."""
+
+        def free() -> int:
+            return free_slots(self._router.route(op, model, policy))
+
+        cls = "peer" if policy.forwarded else "local"
+        scope = ("hop" if policy.forwarded else "", "local" if policy.local_only else "")
+        self._ledger.queued = admission.queued() + 1
+        try:
+            return await admission.wait(pool, cls, free, scope)
+        finally:
+            self._ledger.queued = admission.queued()
 
     def _finished(
         self,
@@ -220,8 +264,8 @@ class Dispatcher:
         model: str,
         body: bytes,
         policy: HopPolicy,
+        targets: list[Target],
     ) -> Opened:
-        targets = self._router.route(op, model, policy)
         deadline = started + self._deadline_s
         failure: ShoalError | None = None
         for attempt, target in enumerate(targets):

@@ -11,7 +11,7 @@ held but not for this operation, 404 for a model no node holds.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 from shoal.backends.base import Operation, Upstream
@@ -151,7 +151,7 @@ class Router:
 
     def _local(self, op: Operation, names: Sequence[str]) -> list[Target]:
         found: dict[str, Target] = {}
-        capacity = self._settings.spillover_max_local_in_flight
+        default = self._settings.default_capacity
         for name in names:
             for entry in self._registry.candidates(name, op):
                 if entry.backend.name in found:
@@ -163,7 +163,7 @@ class Router:
                     local=True,
                     loaded=any(m.loaded for m in held),
                     in_flight=self._ledger.backend(entry.backend.name),
-                    capacity=capacity,
+                    capacity=capacity_of(entry.status.detail, default),
                 )
                 served_as = held[0].id if held else name  # the backend's own name for it
                 found[entry.backend.name] = LocalTarget(entry, self._registry, served_as, candidate)
@@ -239,6 +239,19 @@ class Router:
     def _peer_holds(self, names: Sequence[str]) -> bool:
         """Some peer's last snapshot lists the model, for whatever operation."""
         return any(m.id in names for p in self._peer_list() if p.state for m in p.state.models)
+
+
+UNBOUNDED = 1 << 30  # the capacity of a backend that queues by itself
+
+
+def capacity_of(detail: Mapping[str, object], default: int | None) -> int:
+    """Requests a local backend serves at once: what it says (a managed llama-server its
+    slots, the embedded engine 1), else `default` (`routing.default_capacity`), else
+    UNBOUNDED: it queues by itself."""
+    said = detail.get("capacity")
+    if isinstance(said, int) and not isinstance(said, bool) and said >= 1:
+        return said
+    return UNBOUNDED if default is None else default
 
 
 def _away(model: str, away: Sequence[PeerTarget]) -> BackendUnavailable:
