@@ -231,6 +231,9 @@ class RoutingSettings(_Section):
     queue_max: int = Field(default=64, ge=0, le=100_000)
     queue_wait_s: float = Field(default=30.0, gt=0)
     class_weights: dict[str, float] = Field(default_factory=lambda: {"local": 70.0, "peer": 30.0})
+    # Send a conversation's next turn to the node that served its last one while that
+    # node has a free slot, so the engine's prompt cache is reused (shoal.routing.affinity).
+    affinity: bool = True
 
 
 class MeshSettings(_Section):

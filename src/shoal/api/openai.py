@@ -18,6 +18,7 @@ from shoal.api.requests import (
 from shoal.api.services import DISPATCHER, LIMITS, VIEWS
 from shoal.backends.base import Operation
 from shoal.protocol import ROUTE_HEADER, SERVED_BY_HEADER
+from shoal.routing.affinity import Prompt
 from shoal.routing.rank import hop_policy
 
 
@@ -47,10 +48,23 @@ async def _forward(
     limits = app[LIMITS]
     raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
     body = parse(schema, raw)
-    policy = hop_policy(request.headers)
+    policy = hop_policy(request.headers, _prompt(body))
     # The checked body is what travels on, never the client's bytes (shoal.api.requests).
     async with app[DISPATCHER].open(op, body.model, encode(body), policy) as opened:
         headers: dict[str, str] = {ROUTE_HEADER: opened.route}
         if opened.upstream.served_by:  # the peer that produced it says so
             headers[SERVED_BY_HEADER] = opened.upstream.served_by
         return await relay(request, opened, headers)
+
+
+def _prompt(body: RequestBody) -> Prompt | None:
+    """The prompt, for cache affinity: keyed later, only if there is a choice of node."""
+    if isinstance(body, ChatRequest):
+        return Prompt(body.model, messages=body.messages)
+    if isinstance(body, CompletionRequest):
+        prompt = body.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return Prompt(body.model, text=prompt)
+    return None

@@ -10,12 +10,14 @@ rest. Everything here is pure: values in, values out; randomness comes from the
 
 `rank`'s order, first to last: candidates holding the model loaded, then those merely
 holding it; each group in the strategy's order (`round_robin` rotates each group by
-`turn`). Unhealthy candidates (peers that are suspect or removed) are left out: never
-tried. A suspect peer is one that just failed to answer; trying it again would cost the
-request a full connect timeout (3 s) whenever it is really gone, a silent one most of
-all, while a live one is cleared by the heartbeat sent 1 s after its miss. So a request
-whose only holders are away gets 503 with Retry-After at once (the router says so) and
-comes back when a heartbeat has decided, rather than waiting on a dead link.
+`turn`). `prefer` then puts the candidate that holds the prompt's cache first while
+it has a free slot (cache affinity, `affinity.py`). Unhealthy candidates (peers that
+are suspect or removed) are left out: never tried. A suspect peer is one that just
+failed to answer; trying it again would cost the request a full connect timeout (3 s)
+whenever it is really gone, a silent one most of all, while a live one is cleared by
+the heartbeat sent 1 s after its miss. So a request whose only holders are away gets
+503 with Retry-After at once (the router says so) and comes back when a heartbeat has
+decided, rather than waiting on a dead link.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from shoal.protocol import HOP_HEADER, LOCAL_ONLY_HEADER, NODE_HEADER
+from shoal.routing.affinity import Prompt
 
 Strategy = Literal["local_spillover", "least_loaded", "round_robin"]
 
@@ -100,6 +103,22 @@ def rank(
     return order
 
 
+def prefer(order: list[Candidate], key: str) -> list[Candidate]:
+    """`order` with the candidate `key` first, if it is there and can take one more now.
+
+    That candidate holds the prompt's cache (it served the conversation's last turn).
+    It goes first only while it has the model loaded (unloading drops the cache) and is
+    below its capacity: waiting behind its running requests would cost more than reading
+    the prompt again elsewhere, so a busy one keeps its place in the strategy's order.
+    """
+    for i, candidate in enumerate(order):
+        if candidate.key == key:
+            if i and candidate.loaded and candidate.in_flight < candidate.capacity:
+                return [candidate, *order[:i], *order[i + 1 :]]
+            break
+    return order
+
+
 def _least_loaded(candidates: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
     """By load, then stronger hardware first, then in random order."""
     ordered = list(candidates)
@@ -160,25 +179,31 @@ class HopPolicy:
     forwarded: bool = False  # it came from a peer: serve locally or fail, never forward
     local_only: bool = False  # the client forbids forwarding
     pinned: str | None = None  # the client names the node that must serve it
+    # The request's prompt, for cache affinity; set by the handler that parsed the body,
+    # not from headers. None: no prompt, or the request is served here or nowhere.
+    prompt: Prompt | None = None
 
 
-def hop_policy(headers: Mapping[str, str]) -> HopPolicy:
+def hop_policy(headers: Mapping[str, str], prompt: Prompt | None = None) -> HopPolicy:
     """Read the routing headers, whatever their case, from any mapping of headers.
 
     The hop marker counts whenever present, whatever its value: a peer that marks a
     request must never see it come back, so doubt resolves toward "forwarded".
     `X-Shoal-Local-Only` is on for "1", "true" or "yes" (any case) and off otherwise.
-    Of a repeated header, the first wins.
+    Of a repeated header, the first wins. `prompt` is kept unless the request is
+    forwarded (a forwarded request has no choice of node to make).
     """
     found: dict[str, str] = {}
     for name, value in headers.items():
         lowered = name.lower()
         if lowered in _POLICY_HEADERS and lowered not in found:
             found[lowered] = value
+    forwarded = _HOP in found
     return HopPolicy(
-        forwarded=_HOP in found,
+        forwarded=forwarded,
         local_only=found.get(_LOCAL_ONLY, "").strip().lower() in _TRUTHY,
         pinned=found.get(_NODE, "").strip() or None,
+        prompt=None if forwarded else prompt,
     )
 
 

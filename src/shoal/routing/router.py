@@ -5,13 +5,16 @@ the backend registry, the peer table and the load ledger, and wraps each choice 
 `Target` the dispatcher can send to, count (in the ledger, under `route` and `key`), and
 blame. When nothing can serve a request, `_nothing_for` says why, as the error the client
 should act on: 503 with Retry-After while the holders are down or away, 400 for a model
-held but not for this operation, 404 for a model no node holds.
+held but not for this operation, 404 for a model no node holds. With a choice of
+targets, the one that holds the prompt's cache goes first while it has a free slot, and
+the target that takes a request is remembered as holding its cache (`affinity.py`).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Protocol
 
 from shoal.backends.base import Operation, Upstream
@@ -24,8 +27,9 @@ from shoal.errors import (
 )
 from shoal.mesh.membership import PeerState
 from shoal.mesh.peers import Peer, Peers
+from shoal.routing.affinity import AffinityTable, Keys
 from shoal.routing.ledger import LoadLedger
-from shoal.routing.rank import Candidate, HopPolicy, allowed, rank, resolve_model
+from shoal.routing.rank import Candidate, HopPolicy, allowed, prefer, rank, resolve_model
 from shoal.settings import RoutingSettings
 
 # Retry-After for a model whose only holders are away, by how they are away. A suspect
@@ -41,13 +45,28 @@ class Target(Protocol):
     name: str  # the backend's name, or the peer node's name
     model: str  # the name the model has there (aliases resolved)
     route: Literal["local", "peer"]
+    served: Callable[[str], None] | None  # told the candidate's key when it takes one
 
     async def send(self, op: Operation, body: bytes) -> Upstream: ...
     def failed(self, error: ShoalError) -> None: ...
 
 
+class _Served:
+    """Called with the key of the target that took a request: it holds its cache now."""
+
+    __slots__ = ("_keys", "_table")
+
+    def __init__(self, table: AffinityTable, keys: Keys) -> None:
+        self._table = table
+        self._keys = keys
+
+    def __call__(self, key: str) -> None:
+        self._table.record(self._keys.record, key, time.monotonic())
+
+
 class LocalTarget:
     route: Literal["local", "peer"] = "local"
+    served: Callable[[str], None] | None = None  # see _Served
 
     def __init__(
         self, entry: BackendEntry, registry: BackendRegistry, model: str, candidate: Candidate
@@ -59,7 +78,10 @@ class LocalTarget:
         self.candidate = candidate
 
     async def send(self, op: Operation, body: bytes) -> Upstream:
-        return await self._entry.backend.send(op, body)
+        upstream = await self._entry.backend.send(op, body)
+        if self.served is not None and upstream.status < 400:
+            self.served(self.candidate.key)
+        return upstream
 
     def failed(self, error: ShoalError) -> None:
         if isinstance(error, BackendUnavailable):
@@ -68,6 +90,7 @@ class LocalTarget:
 
 class PeerTarget:
     route: Literal["local", "peer"] = "peer"
+    served: Callable[[str], None] | None = None  # see _Served
 
     def __init__(self, peer: Peer, peers: Peers, model: str, candidate: Candidate) -> None:
         assert peer.state is not None
@@ -79,7 +102,10 @@ class PeerTarget:
         self.candidate = candidate
 
     async def send(self, op: Operation, body: bytes) -> Upstream:
-        return await self._peers.link(self._peer_id).send(op, body)
+        upstream = await self._peers.link(self._peer_id).send(op, body)
+        if self.served is not None and upstream.status < 400:
+            self.served(self.candidate.key)
+        return upstream
 
     def failed(self, error: ShoalError) -> None:
         # It could not be reached, or broke off before answering: suspect at once, so
@@ -107,6 +133,7 @@ class Router:
         self._settings = settings
         self._rng = rng or random.Random()
         self._turn = 0
+        self.affinity = AffinityTable() if settings.affinity else None
 
     def route(self, op: Operation, model: str, policy: HopPolicy) -> list[Target]:
         """Every target allowed for this request, best first; raises when there is none."""
@@ -135,7 +162,28 @@ class Router:
             away = [t for c in usable if isinstance(t := by_key[c.key], PeerTarget)]
             raise self._nothing_for(op, model, names, policy, away)
         self._turn += 1
+        if len(ranked) > 1 and self.affinity is not None and policy.prompt is not None:
+            keys = policy.prompt.keys()  # only now: most requests have one target
+            if keys is not None:
+                return self._affine(ranked, by_key, self.affinity, keys)
         return [by_key[c.key] for c in ranked]
+
+    def _affine(
+        self,
+        ranked: list[Candidate],
+        by_key: dict[str, Target],
+        table: AffinityTable,
+        keys: Keys,
+    ) -> list[Target]:
+        """`ranked` as targets, the one holding the prompt's cache first if it is free."""
+        affine = table.lookup(keys.lookup, time.monotonic())
+        if affine is not None:
+            ranked = prefer(ranked, affine)
+        served = _Served(table, keys)
+        targets = [by_key[c.key] for c in ranked]
+        for target in targets:
+            target.served = served
+        return targets
 
     def _rank(self, candidates: list[Candidate]) -> list[Candidate]:
         if not candidates:
