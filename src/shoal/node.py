@@ -77,7 +77,8 @@ from shoal.process import install_accept_error_handler, open_file_limit, raise_f
 from shoal.routing.admission import AdmissionQueue
 from shoal.routing.dispatch import Dispatcher
 from shoal.routing.ledger import LoadLedger
-from shoal.routing.router import Router
+from shoal.routing.rank import UNBOUNDED
+from shoal.routing.router import Router, capacity_of
 from shoal.settings import DEFAULT_PORT, Settings
 from shoal.supervise import RESTART_BACKOFF, supervise
 from shoal.trust.admission import Admission
@@ -130,6 +131,7 @@ class Node:
             self.ledger,
             hardware,
             capacity=settings.routing.spillover_max_local_in_flight,
+            slots=self._slots,
         )
         peer_port = settings.mesh.peer_port
         if peer_port is None:  # the well-known pair of ports, or let the system choose
@@ -263,11 +265,28 @@ class Node:
         if request_log.isEnabledFor(logging.DEBUG):
             bus.subscribe(RequestRouted, _log_routed)
 
+    def _slots(self) -> int | None:
+        """What our advert says we can run at once: the sum of our healthy backends'
+        slots, or None when one of them queues by itself (no limit peers should wait
+        for)."""
+        default = self.settings.routing.default_capacity
+        total = 0
+        for entry in self.registry.entries():
+            if entry.healthy and entry.status.models:
+                slots = capacity_of(entry.status.detail, default)
+                if slots >= UNBOUNDED:
+                    return None
+                total += slots
+        return total
+
     def _load_changed(self, event: LoadChanged) -> None:
         # Peers rank us by load: tell them when we cross the spillover threshold, the
         # figure our advert carries being the same ledger count.
+        # And when our slots fill up or one frees: a peer's queued request may take it.
         threshold = self.settings.routing.spillover_max_local_in_flight
         if event.in_flight in (threshold, threshold - 1):
+            self.peers.changed()
+        elif (slots := self._slots()) is not None and event.in_flight in (slots, slots - 1):
             self.peers.changed()
 
     def _trust_changed(self, event: TrustChanged) -> None:

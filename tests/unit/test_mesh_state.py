@@ -46,7 +46,7 @@ def sample() -> NodeState:
             ModelAdvert("minilm", False, ("embeddings",)),
             ModelAdvert("smol:q4_1", False, ("completions",), aliases=("org/smol/smol.gguf",)),
         ),
-        load=Load(in_flight=1, queued=0, capacity=2),
+        load=Load(in_flight=1, queued=0, capacity=2, slots=3),
         hardware=Hardware(cpu="x", cores=8, ram_bytes=32 << 30, gpu="rtx", vram_bytes=8 << 30),
         peers=(
             Introduction("cd" * 32, "http://10.0.0.3:11450"),
@@ -97,6 +97,8 @@ def test_hardware_score_counts_gpu_memory_most() -> None:
         ("models", [{"id": "m", "loaded": "yes", "operations": []}]),
         ("models", [{"id": "m", "loaded": True, "operations": "chat"}]),
         ("load", {"in_flight": 0, "queued": 0, "capacity": 0}),
+        ("load", {"in_flight": 0, "queued": 0, "capacity": 1, "slots": -1}),
+        ("load", {"in_flight": 0, "queued": 0, "capacity": 1, "slots": "2"}),
         ("hardware", None),
         ("uptime_s", float("nan")),
     ],

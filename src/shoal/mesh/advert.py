@@ -24,6 +24,7 @@ class OwnState:
         hardware: Hardware,
         *,
         capacity: int,
+        slots: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.node_id = node_id
         self.name = name
@@ -32,6 +33,7 @@ class OwnState:
         self._registry = registry
         self._ledger = ledger
         self._capacity = capacity
+        self._slots = slots
         self._seq = 0
         self._started = time.monotonic()
         self.boot = secrets.token_hex(8)  # this start of the process
@@ -66,6 +68,7 @@ class OwnState:
                 in_flight=self._ledger.local_in_flight,
                 queued=self._ledger.queued,
                 capacity=self._capacity,
+                slots=self._slots(),
             ),
             hardware=self.hardware,
             peers=self.introductions(),

@@ -108,7 +108,10 @@ def _chunk_count(size: int, chunk_bytes: int) -> int:
 class Load:
     in_flight: int = 0
     queued: int = 0
-    capacity: int = 1
+    capacity: int = 1  # the spillover threshold routing compares loads by
+    # Requests its backends can run at once, when all of them say (llama-server slots,
+    # the embedded engine's 1); None: some queue by themselves (no limit to wait for).
+    slots: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +173,7 @@ class NodeState:
                     "in_flight": self.load.in_flight,
                     "queued": self.load.queued,
                     "capacity": self.load.capacity,
+                    **({"slots": self.load.slots} if self.load.slots is not None else {}),
                 },
                 "hardware": {
                     "cpu": self.hardware.cpu,
@@ -240,6 +244,7 @@ def decode(raw: bytes) -> NodeState:
             in_flight=_int(load, "in_flight", 0, 1 << 30),
             queued=_int(load, "queued", 0, 1 << 30),
             capacity=_int(load, "capacity", 1, 1 << 30),
+            slots=None if load.get("slots") is None else _int(load, "slots", 0, 1 << 30),
         ),
         hardware=Hardware(
             cpu=_text(hardware, "cpu", allow_empty=True),

@@ -52,8 +52,8 @@ def free_slots(targets: Sequence[Target]) -> int:
     free = 0
     for target in targets:
         c = target.candidate
-        if c.healthy and c.in_flight < c.capacity:
-            free += c.capacity - c.in_flight
+        if c.healthy and c.in_flight < c.slots:
+            free += c.slots - c.in_flight
     return free
 
 

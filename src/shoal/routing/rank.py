@@ -33,6 +33,8 @@ from shoal.routing.affinity import Prompt
 
 Strategy = Literal["local_spillover", "least_loaded", "round_robin"]
 
+UNBOUNDED = 1 << 30  # the slots of a backend that queues by itself
+
 # A shorter id prefix is too likely to name two nodes (or a node by accident).
 MIN_ID_PREFIX = 8
 _NO_FIT, _PREFIX_FIT, _EXACT_FIT = 0, 1, 2  # how well a pin names a node
@@ -51,9 +53,13 @@ class Candidate:
     local: bool
     loaded: bool  # model loaded in memory (loaded beats merely available)
     in_flight: int  # requests running there now
-    capacity: int  # how many it serves at once (>= 1)
+    capacity: int  # how many it serves at once (>= 1): what loads are compared by
     hardware_score: float = 0.0  # higher is a stronger machine
     healthy: bool = True  # False for a peer that is away (suspect, removed): never tried
+    # Requests it can run at once, for admission (`shoal.routing.admission`): a backend's
+    # own figure (llama-server slots, the embedded engine 1) or a peer's sum of them;
+    # UNBOUNDED where a backend queues by itself.
+    slots: int = UNBOUNDED
 
     def __post_init__(self) -> None:
         # Bad counts would silently reorder routes; refuse them where they are made.

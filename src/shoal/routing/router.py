@@ -29,7 +29,15 @@ from shoal.mesh.membership import PeerState
 from shoal.mesh.peers import Peer, Peers
 from shoal.routing.affinity import AffinityTable, Keys
 from shoal.routing.ledger import LoadLedger
-from shoal.routing.rank import Candidate, HopPolicy, allowed, prefer, rank, resolve_model
+from shoal.routing.rank import (
+    UNBOUNDED,
+    Candidate,
+    HopPolicy,
+    allowed,
+    prefer,
+    rank,
+    resolve_model,
+)
 from shoal.settings import RoutingSettings
 
 # Retry-After for a model whose only holders are away, by how they are away. A suspect
@@ -199,6 +207,7 @@ class Router:
 
     def _local(self, op: Operation, names: Sequence[str]) -> list[Target]:
         found: dict[str, Target] = {}
+        capacity = self._settings.spillover_max_local_in_flight
         default = self._settings.default_capacity
         for name in names:
             for entry in self._registry.candidates(name, op):
@@ -211,7 +220,8 @@ class Router:
                     local=True,
                     loaded=any(m.loaded for m in held),
                     in_flight=self._ledger.backend(entry.backend.name),
-                    capacity=capacity_of(entry.status.detail, default),
+                    capacity=capacity,
+                    slots=capacity_of(entry.status.detail, default),
                 )
                 served_as = held[0].id if held else name  # the backend's own name for it
                 found[entry.backend.name] = LocalTarget(entry, self._registry, served_as, candidate)
@@ -243,6 +253,7 @@ class Router:
                 loaded=model.loaded,
                 in_flight=state.load.in_flight + self._ledger.peer(peer_id),
                 capacity=state.load.capacity,
+                slots=UNBOUNDED if state.load.slots is None else state.load.slots,
                 hardware_score=state.hardware.score,
                 healthy=peer.view.state is PeerState.ALIVE,
             )
@@ -287,9 +298,6 @@ class Router:
     def _peer_holds(self, names: Sequence[str]) -> bool:
         """Some peer's last snapshot lists the model, for whatever operation."""
         return any(m.id in names for p in self._peer_list() if p.state for m in p.state.models)
-
-
-UNBOUNDED = 1 << 30  # the capacity of a backend that queues by itself
 
 
 def capacity_of(detail: Mapping[str, object], default: int | None) -> int:
