@@ -64,12 +64,20 @@ class SilenceDetection:
 
 
 class Waits:
-    """The network waits of one transport, and why they were cut short, if they were."""
+    """The network waits of one transport, and why they were cut short, if they were.
 
-    __slots__ = ("_live", "reason")
+    Two kinds: a wait under an `asyncio.Timeout` (connecting, the first byte of an
+    answer: once per request), and the later reads of answers already begun, which
+    carry no timer of their own (one per chunk cost 11 µs, a third of a relayed chunk's
+    overhead): each `HttpUpstream` watches its own silence with one timer per stall
+    period, and `abort` ends its read by failing its stream.
+    """
+
+    __slots__ = ("_live", "_streams", "reason")
 
     def __init__(self) -> None:
         self._live: set[asyncio.Timeout] = set()
+        self._streams: set[HttpUpstream] = set()  # answers begun, not yet closed
         self.reason: str | None = None  # set by abort(): every later wait fails at once
 
     def start(self, delay: float | None) -> asyncio.Timeout:
@@ -89,6 +97,8 @@ class Waits:
         for timeout in self._live:
             if not timeout.expired():
                 timeout.reschedule(now)
+        for stream in list(self._streams):
+            stream.fail(UpstreamFailed(reason))
 
 
 class HttpUpstream:
@@ -97,11 +107,22 @@ class HttpUpstream:
     The wait for the body's first bytes is the session's read timeout (a queued request
     or a long prompt waits there); once the body has begun, every later read must bring
     something within the stall timeout (tokens come every few tens of ms: silence this
-    long is a pulled cable or a hung engine, not a slow one).
+    long is a pulled cable or a hung engine, not a slow one). Those later reads are
+    watched, not timed: each notes when it began, and one timer per stall period checks
+    whether the read under way has waited that long; if so it fails the stream, which
+    ends the read at once with `UpstreamTimeout`.
     """
 
     __slots__ = (
-        "_begun", "_response", "_stall_timeout_s", "_waits", "content_type", "served_by",
+        "_begun",
+        "_loop",
+        "_reading_since",
+        "_response",
+        "_stall_timeout_s",
+        "_waits",
+        "_watch",
+        "content_type",
+        "served_by",
         "status",
     )  # fmt: skip
 
@@ -112,6 +133,9 @@ class HttpUpstream:
         self._stall_timeout_s = stall_timeout_s
         self._waits = waits
         self._begun = False  # some of the body has arrived
+        self._loop = asyncio.get_running_loop()
+        self._reading_since: float | None = None  # a read of a begun body is under way
+        self._watch: asyncio.TimerHandle | None = None
         self.status = response.status
         self.content_type = response.headers.get("Content-Type", "application/json")
         # Set when the answer comes from another Shoal node (a peer, after a hop).
@@ -129,28 +153,65 @@ class HttpUpstream:
 
     async def _next(self) -> bytes:
         """Whatever has arrived of the body (no buffering between chunks); b"" at its end."""
+        if not self._begun:
+            return await self._first()
+        if self._waits.reason is not None:
+            raise UpstreamFailed(self._waits.reason)
+        self._reading_since = self._loop.time()
+        try:
+            return await self._response.content.readany()
+        except aiohttp.ClientError as exc:
+            raise UpstreamFailed(f"the backend broke off its answer ({_describe(exc)})") from None
+        finally:
+            self._reading_since = None
+
+    async def _first(self) -> bytes:
+        """The first read, within the session's read timeout; then the watch begins."""
         content = self._response.content
-        # The first read waits within the session's read timeout, the others the stall's.
-        timeout = self._waits.start(self._stall_timeout_s if self._begun else None)
+        timeout = self._waits.start(None)
         try:
             async with timeout:
                 data = await content.readany()
-            self._begun = True
-            return data
         except TimeoutError:
             if self._waits.reason is not None:
                 raise UpstreamFailed(self._waits.reason) from None
-            if self._begun:
-                raise UpstreamTimeout(
-                    f"the backend stopped sending for {self._stall_timeout_s:g} s (stall timeout)"
-                ) from None
             raise UpstreamTimeout("the backend did not answer in time (read timeout)") from None
         except aiohttp.ClientError as exc:
             raise UpstreamFailed(f"the backend broke off its answer ({_describe(exc)})") from None
         finally:
             self._waits.end(timeout)
+        self._begun = True
+        if data:
+            self._waits._streams.add(self)
+            self._watch = self._loop.call_later(self._stall_timeout_s, self._check)
+        return data
+
+    def _check(self) -> None:
+        """The stall watch: fail a read that has waited the whole stall timeout."""
+        since = self._reading_since
+        now = self._loop.time()
+        if since is not None and now - since >= self._stall_timeout_s:
+            self._watch = None
+            self.fail(
+                UpstreamTimeout(
+                    f"the backend stopped sending for {self._stall_timeout_s:g} s (stall timeout)"
+                )
+            )
+            return
+        # Not reading (the relay is writing to its client), or not for long enough yet.
+        due = (now if since is None else since) + self._stall_timeout_s
+        self._watch = self._loop.call_at(due, self._check)
+
+    def fail(self, error: Exception) -> None:
+        """End the answer with `error`: a read under way or to come raises it."""
+        self._response.content.set_exception(error)
+        self.close()
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._waits._streams.discard(self)
         # close(), not release(): an unfinished stream must not go back to the pool, and
         # closing the connection is what tells the backend to stop generating.
         self._response.close()
