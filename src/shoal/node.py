@@ -284,9 +284,10 @@ class Node:
         # figure our advert carries being the same ledger count.
         # And when our slots fill up or one frees: a peer's queued request may take it.
         threshold = self.settings.routing.spillover_max_local_in_flight
-        if event.in_flight in (threshold, threshold - 1):
-            self.peers.changed()
-        elif (slots := self._slots()) is not None and event.in_flight in (slots, slots - 1):
+        crossed = event.in_flight in (threshold, threshold - 1)
+        if not crossed and (slots := self._slots()) is not None:
+            crossed = event.in_flight in (slots, slots - 1)
+        if crossed:
             self.peers.changed()
 
     def _trust_changed(self, event: TrustChanged) -> None:
