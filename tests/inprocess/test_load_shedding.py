@@ -19,6 +19,7 @@ import pytest
 from shoal.backends.base import BackendStatus, Health, Operation
 from shoal.events import EventBus
 from shoal.node import Node
+from shoal.routing.rank import HopPolicy
 from tests.cluster import FakeBackend, FakeUpstream, node_settings, wait_until
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -163,3 +164,29 @@ async def test_a_client_leaving_the_queue_frees_its_place(tmp_path: Path) -> Non
             assert response.status == 200  # no slot was lost to the one that left
     assert backend.served == ["1", "3"]
     assert node.ledger.local_in_flight == 0
+
+
+async def test_api_keys_share_by_their_weights(tmp_path: Path) -> None:
+    """Two LAN clients' keys, weights 3 and 1, both keeping the queue full: served 3:1
+    (the class and weight the access layer hands the dispatcher, `api.openai`)."""
+    backend = OneAtATime(service_s=0.004)
+    served_enough = asyncio.Event()
+    async with flooded_node(tmp_path, backend, queue_max=64, queue_wait_s=30.0) as (node, _):
+
+        async def client(marker: str, weight: float) -> None:
+            raw = orjson.dumps(body(marker))
+            while not served_enough.is_set():
+                async with node.dispatcher.open(
+                    Operation.CHAT, "m", raw, HopPolicy(), cls=f"key:{marker}", weight=weight
+                ) as opened:
+                    await opened.answer.read()
+                if len(backend.served) >= 250:
+                    served_enough.set()
+
+        await asyncio.gather(
+            *(client("heavy", 3.0) for _ in range(10)), *(client("light", 1.0) for _ in range(10))
+        )
+    steady = backend.served[30:250]
+    share = steady.count("heavy") / len(steady)
+    print(f"weight-3 key's share of {len(steady)} served while both queued: {share:.3f}")
+    assert share == pytest.approx(0.75, abs=0.06)

@@ -656,3 +656,30 @@ def test_the_filter_cleans_messages_arguments_and_tracebacks() -> None:
     assert key not in text and "Bearer" not in text
     assert text.startswith("Error handling request from 10.0.0.7: malformed HTTP request")
     assert record.levelno == logging.INFO
+
+
+async def test_the_key_a_lan_client_came_in_by_goes_with_its_request(
+    tmp_path: Path, keys: KeyStore
+) -> None:
+    """Its class and weight when requests queue (`shoal.routing.admission`)."""
+    from shoal.api.access import API_KEY
+
+    async def who(request: web.Request) -> web.Response:
+        key = request.get(API_KEY)
+        return web.json_response(None if key is None else {"id": key.id, "weight": key.weight})
+
+    routes = tuple(
+        dataclasses.replace(r, handler=who) if r.path == "/v1/chat/completions" else r
+        for r in TEST_ROUTES
+    )
+    settings = lan_settings(tmp_path)
+    app = build_app(
+        settings, keys=keys, own_hosts=lambda: set(OWN),
+        caller_of=peer_port_caller(lambda transport: None, on_the_lan),
+        cluster_mode=lambda: mode_of(settings), served_by="test", routes=routes,
+    )  # fmt: skip
+    record, secret = keys.create("batch-jobs", weight=10)
+    async with TestClient(TestServer(app)) as client:
+        headers = {"Authorization": f"Bearer {secret}"}
+        status, document, _ = await call(client, "POST", "/v1/chat/completions", headers)
+    assert status == 200 and document == {"id": record.id, "weight": 10}

@@ -251,3 +251,15 @@ def test_cli_refuses_a_bad_name(cli_env: Path) -> None:
     result = CliRunner().invoke(keys_app, ["create", KEY_PREFIX + "A" * 43])
     assert result.exit_code == 1
     assert not (cli_env / KEYS_FILE).exists()
+
+
+def test_a_key_may_carry_a_weight_kept_in_the_file(tmp_path: Path) -> None:
+    store = KeyStore.in_data_dir(tmp_path)
+    record, _ = store.create("batch", weight=5)
+    plain, _ = store.create("laptop")
+    again = {r.name: r for r in KeyStore.in_data_dir(tmp_path).list()}
+    assert again["batch"].weight == 5 and again["laptop"].weight is None
+    assert record.public()["weight"] == 5 and "weight" not in plain.public()
+    for bad in (0, -1, float("nan"), 1e7):
+        with pytest.raises(ValueError, match="weight"):
+            store.create(f"bad-{bad}", weight=bad)

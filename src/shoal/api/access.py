@@ -43,7 +43,7 @@ from shoal.api.listener import handling
 from shoal.errors import Forbidden, ShoalError, Unauthorized
 from shoal.mesh import interfaces
 from shoal.settings import ClusterMode, Settings
-from shoal.trust.keys import KeyStore
+from shoal.trust.keys import KeyRecord, KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ HEADER_LIMITS: HeaderLimits = {
 
 #: What a request learnt about its caller, for handlers (the peer state exchange).
 CALLER: web.RequestKey[Caller] = web.RequestKey("caller", Caller)
+# The API key a LAN client's request was let in by (none from this machine or a peer).
+API_KEY: web.RequestKey[KeyRecord] = web.RequestKey("api_key", KeyRecord)
 
 LOOPBACK_NAMES = frozenset({"localhost"})
 _NAME = re.compile(r"[a-z0-9_~-]+(\.[a-z0-9_~-]+)*")
@@ -269,7 +271,7 @@ def access_middleware(
             if not allowed(normalise_host(origin_host) if origin_host else None):
                 raise refuse_host("Origin", origin, "origin_not_allowed")
 
-    def check_key(request: web.Request) -> None:
+    def check_key(request: web.Request) -> KeyRecord:
         token = bearer_token(request)
         if token is None:
             raise Unauthorized(
@@ -289,6 +291,7 @@ def access_middleware(
         broken_store.clear()
         if record is None:
             raise Unauthorized("the API key is not valid (wrong, or revoked)")
+        return record
 
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -298,7 +301,7 @@ def access_middleware(
             caller = caller_of(request)
             verdict = decide(audience_of(request), caller, cluster_mode())
             if verdict is Verdict.NEED_KEY:
-                check_key(request)
+                request[API_KEY] = check_key(request)  # its weight, when requests queue
             elif verdict is not Verdict.ALLOW:
                 raise Forbidden(_REFUSALS[verdict])
             request[CALLER] = caller

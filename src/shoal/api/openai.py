@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
+from shoal.api.access import API_KEY
 from shoal.api.bodies import read_body
 from shoal.api.relay import relay
 from shoal.api.requests import (
@@ -49,8 +50,14 @@ async def _forward(
     raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
     body = parse(schema, raw)
     policy = hop_policy(request.headers, _prompt(body))
+    # A LAN client's key is its class when requests queue, with the key's weight.
+    key = request.get(API_KEY)
+    cls, weight = (f"key:{key.id}", key.weight) if key is not None else (None, None)
     # The checked body is what travels on, never the client's bytes (shoal.api.requests).
-    async with app[DISPATCHER].open(op, body.model, encode(body), policy) as opened:
+    dispatcher = app[DISPATCHER]
+    async with dispatcher.open(
+        op, body.model, encode(body), policy, cls=cls, weight=weight
+    ) as opened:
         headers: dict[str, str] = {ROUTE_HEADER: opened.route}
         if opened.upstream.served_by:  # the peer that produced it says so
             headers[SERVED_BY_HEADER] = opened.upstream.served_by

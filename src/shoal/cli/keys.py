@@ -52,6 +52,13 @@ def _store(config: Path | None, data_dir: Path | None) -> KeyStore:
 @keys_app.command("create")
 def create(
     name: Annotated[str, typer.Argument(help="Who or what will use the key, e.g. laptop.")],
+    weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Its share when a model's nodes are busy and requests queue (this node's "
+            "own clients: 70, peers: 30). Default: as this node's own clients."
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -59,8 +66,8 @@ def create(
     """Make a key and print it once: only its hash is kept, so it cannot be shown again."""
     store = _store(config, data_dir)
     try:
-        record, secret = store.create(name)
-    except KeyNameError as exc:
+        record, secret = store.create(name, weight)
+    except (KeyNameError, ValueError) as exc:
         raise _fail(str(exc), 1) from None
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
@@ -90,9 +97,10 @@ def list_keys(
     if not records:
         err.print("no API keys; make one with 'shoal keys create NAME'", highlight=False)
         return
-    table = Table("id", "name", "created")
+    table = Table("id", "name", "created", "weight")
     for record in records:
-        table.add_row(record.id, escape(record.name), record.created)
+        weight = "-" if record.weight is None else f"{record.weight:g}"
+        table.add_row(record.id, escape(record.name), record.created, weight)
     out.print(table)
 
 

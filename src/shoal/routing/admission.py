@@ -103,7 +103,12 @@ class AdmissionQueue:
         return free_slots(targets) > 0
 
     async def wait(
-        self, key: PoolKey, cls: str, free: Callable[[], int], scope: tuple[str, ...] = ()
+        self,
+        key: PoolKey,
+        cls: str,
+        free: Callable[[], int],
+        scope: tuple[str, ...] = (),
+        weight: float | None = None,
     ) -> Ticket:
         """Queue until a slot is free for this request (its ticket, to give back to
         `done`), or raise QueueFull / QueueTimeout (429 with Retry-After)."""
@@ -115,7 +120,7 @@ class AdmissionQueue:
             pool = self._pools[key] = _Pool(scheduler)
         pool.frees.setdefault(scope, free)
         now = self._clock()
-        decision = pool.scheduler.submit(cls, now)
+        decision = pool.scheduler.submit(cls, now, weight=weight)
         if isinstance(decision, Rejected):
             raise _rejected(decision)
         if isinstance(decision, Started):  # capacity left over from a request just ended

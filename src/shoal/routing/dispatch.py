@@ -166,8 +166,18 @@ class Dispatcher:
 
     @asynccontextmanager
     async def open(
-        self, op: Operation, model: str, body: bytes, policy: HopPolicy
+        self,
+        op: Operation,
+        model: str,
+        body: bytes,
+        policy: HopPolicy,
+        *,
+        cls: str | None = None,
+        weight: float | None = None,
     ) -> AsyncIterator[Opened]:
+        """The answer of the best target that gives one. `cls` and `weight`: the
+        request's class when it must queue (an API key's; else this node's clients, or
+        peers' for a forwarded request)."""
         request_id, started = next(self._ids), time.monotonic()
         self._ledger.request_started()
         opened: Opened | None = None
@@ -180,7 +190,7 @@ class Dispatcher:
             if admission is not None:
                 pool = (model, op.value, policy.pinned or "")
                 if not admission.may_start(pool, targets):
-                    ticket = await self._queued(admission, pool, op, model, policy)
+                    ticket = await self._queued(admission, pool, op, model, policy, cls, weight)
                     targets = self._router.route(op, model, policy)
                     admission.dispatched(pool, ticket)  # the ledger counts it from here on
             opened = await self._open_first(request_id, started, op, model, body, policy, targets)
@@ -214,17 +224,20 @@ class Dispatcher:
         op: Operation,
         model: str,
         policy: HopPolicy,
+        cls: str | None,
+        weight: float | None,
     ) -> Ticket:
         """Wait for a slot anywhere (429 if none comes in time, or the queue is full)."""
 
         def free() -> int:
             return free_slots(self._router.route(op, model, policy))
 
-        cls = "peer" if policy.forwarded else "local"
+        if policy.forwarded:
+            cls, weight = "peer", None
         scope = ("hop" if policy.forwarded else "", "local" if policy.local_only else "")
         self._ledger.queued = admission.queued() + 1
         try:
-            return await admission.wait(pool, cls, free, scope)
+            return await admission.wait(pool, cls or "local", free, scope, weight)
         finally:
             self._ledger.queued = admission.queued()
 

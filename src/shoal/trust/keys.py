@@ -50,10 +50,16 @@ class KeyRecord:
     name: str
     created: str  # ISO 8601, UTC
     sha256: str  # hex digest of the whole key; never shown
+    # Its share when a model's holders are busy and requests queue (weighted fair
+    # queuing, `shoal.routing.scheduler`); None: as this node's own clients (70).
+    weight: float | None = None
 
-    def public(self) -> dict[str, str]:
+    def public(self) -> dict[str, Any]:
         """What may be shown: everything but the hash."""
-        return {"id": self.id, "name": self.name, "created": self.created}
+        shown: dict[str, Any] = {"id": self.id, "name": self.name, "created": self.created}
+        if self.weight is not None:
+            shown["weight"] = self.weight
+        return shown
 
 
 def key_id(secret: str) -> str | None:
@@ -143,9 +149,10 @@ class KeyStore:
 
     # -- changing -----------------------------------------------------------------------
 
-    def create(self, name: str) -> tuple[KeyRecord, str]:
+    def create(self, name: str, weight: float | None = None) -> tuple[KeyRecord, str]:
         """A new key named `name`: its record, and the key itself (shown once, kept nowhere)."""
         name = _checked_name(name)
+        weight = _checked_weight(weight)
         with self._locked():
             records = self.records()
             if any(r.name == name for r in records):
@@ -161,6 +168,7 @@ class KeyStore:
                 name=name,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 sha256=_digest(secret).hex(),
+                weight=weight,
             )
             self._write((*records, record))
         return record, secret
@@ -199,7 +207,13 @@ class KeyStore:
         document = {
             "version": _FORMAT_VERSION,
             "keys": [
-                {"id": r.id, "name": r.name, "created": r.created, "sha256": r.sha256}
+                {
+                    "id": r.id,
+                    "name": r.name,
+                    "created": r.created,
+                    "sha256": r.sha256,
+                    **({"weight": r.weight} if r.weight is not None else {}),
+                }
                 for r in records
             ],
         }
@@ -227,7 +241,18 @@ def _record(item: Any) -> KeyRecord:
         raise ValueError("a key entry has a field that is not text")
     if len(bytes.fromhex(fields["sha256"])) != hashlib.sha256().digest_size:
         raise ValueError("a key entry has a hash of the wrong size")
-    return KeyRecord(**fields)
+    weight = item.get("weight")
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ValueError("a key entry has a weight that is not a number")
+        weight = _checked_weight(float(weight))
+    return KeyRecord(**fields, weight=weight)
+
+
+def _checked_weight(weight: float | None) -> float | None:
+    if weight is not None and not 0 < weight <= 1e6:  # NaN fails too
+        raise ValueError("a key's weight is a number above 0 and at most 1000000")
+    return weight
 
 
 def _checked_name(name: str) -> str:
