@@ -4,6 +4,7 @@ served by the one with it; SIGINT leaves no process and no folder behind."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
 import signal
@@ -30,10 +31,12 @@ def read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> s
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([process.stdout], [], [], left)[0]:
             raise AssertionError(f"no {marker!r} within {timeout} s; output:\n{seen}")
-        line = process.stdout.readline()
-        if not line:
+        # The descriptor, not the buffered reader: a readline would leave later lines in
+        # the reader's buffer, where select() cannot see them.
+        data = os.read(process.stdout.fileno(), 65536)
+        if not data:
             raise AssertionError(f"the demo exited {process.wait()}; output:\n{seen}")
-        seen += line
+        seen += data.decode(errors="replace")
     return seen
 
 

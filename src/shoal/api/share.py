@@ -241,7 +241,10 @@ async def file_range(request: web.Request) -> web.StreamResponse:
     if served.key is None:
         _check_held(request.app[SHARES].downloads, sha256, byte_range)
     try:
-        file = await asyncio.to_thread(served.path.open, "rb")
+        # Opened here, not in a thread: a puller that hangs up (an endgame duplicate
+        # answered elsewhere) cancels this handler, and a file a thread opened for a
+        # cancelled await would never be closed. An open is a few µs.
+        file = served.path.open("rb")
     except FileNotFoundError:  # a download just finished or was given up
         raise NotFound("that file changed; ask again", code="file_not_found") from None
     try:
