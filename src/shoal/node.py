@@ -325,9 +325,11 @@ class Node:
         try:
             await site.start()
             self.port = runner.addresses[0][1]
-            self.url = self.views.url = f"http://{host}:{self.port}"
             self.trust.api_port = self.own_state.api_port = self.port
             await self._start_peer_site()
+            # Last: `url` says the node is ready (tests and callers wait for it), and a
+            # hello needs the peer port, which the system may only now have chosen.
+            self.url = self.views.url = f"http://{host}:{self.port}"
             log.info(
                 "shoal node %r (%s) listening on %s, peers on TLS port %d, cluster mode %s",
                 self.name, self.identity.short_id, self.url, self.trust.peer_port,
