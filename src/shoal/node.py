@@ -280,11 +280,12 @@ class Node:
         return total
 
     def _load_changed(self, event: LoadChanged) -> None:
-        # Peers rank us by load: tell them when we cross the spillover threshold, the
-        # figure our advert carries being the same ledger count.
-        # And when our slots fill up or one frees: a peer's queued request may take it.
+        # Peers rank us by load: tell them when we cross the spillover threshold (the
+        # figure our advert carries being the same ledger count), and when we are idle
+        # again (else they rank us by a stale count until our next heartbeat); and when
+        # our slots fill up or one frees (a peer's queued request may take it).
         threshold = self.settings.routing.spillover_max_local_in_flight
-        crossed = event.in_flight in (threshold, threshold - 1)
+        crossed = event.in_flight in (0, threshold - 1, threshold)
         if not crossed and (slots := self._slots()) is not None:
             crossed = event.in_flight in (slots, slots - 1)
         if crossed:
