@@ -161,7 +161,8 @@ class KeyStore:
             while True:
                 secret = KEY_PREFIX + secrets.token_urlsafe(32)
                 ident = key_id(secret)
-                if ident is not None and ident not in taken:
+                # An ID starting with '-' would read as an option: `shoal keys revoke -x…`.
+                if ident is not None and ident not in taken and not ident.startswith("-"):
                     break
             record = KeyRecord(
                 id=ident,
