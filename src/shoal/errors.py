@@ -14,6 +14,8 @@
     │   ├── UnsupportedEncoding    415  a Content-Encoding the node does not inflate
     │   └── RangeNotSatisfiable    416  a model file range a peer may not ask for
     ├── BusyError              429/503 with Retry-After: try again later
+    │   ├── QueueFull              429  every holder busy, the model's queue full
+    │   ├── QueueTimeout           429  every holder stayed busy while the request waited
     │   ├── BackendUnavailable     503  the backend is down or restarting
     │   └── ModelNotReady          503  a managed model is loading, restarting, or waiting
     │                                   for memory held by busy models
@@ -145,6 +147,14 @@ class BusyError(ShoalError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class QueueFull(BusyError):
+    code = "queue_full"
+
+
+class QueueTimeout(BusyError):
+    code = "queue_timeout"
 
 
 class BackendUnavailable(BusyError):

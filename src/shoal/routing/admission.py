@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from shoal.errors import BusyError
+from shoal.errors import BusyError, QueueFull, QueueTimeout
 from shoal.events import EventBus, PeerStateChanged
 from shoal.routing.router import Target
 from shoal.routing.scheduler import (
@@ -55,14 +55,6 @@ def free_slots(targets: Sequence[Target]) -> int:
         if c.healthy and c.in_flight < c.slots:
             free += c.slots - c.in_flight
     return free
-
-
-class QueueFull(BusyError):
-    code = "queue_full"
-
-
-class QueueTimeout(BusyError):
-    code = "queue_timeout"
 
 
 @dataclass(slots=True)
