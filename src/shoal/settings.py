@@ -63,6 +63,10 @@ class BackendSettings(_Section):
     name: str | None = None
     # Sent as `Authorization: Bearer` to this backend only; shown masked everywhere.
     api_key: SecretStr | None = None
+    # Requests it runs at once, over what it says (llama-server's slots from /props) and
+    # `routing.default_capacity`: set it to Ollama's OLLAMA_NUM_PARALLEL or vLLM's
+    # --max-num-seqs, which their APIs do not show. Beyond it, requests queue here.
+    capacity: int | None = Field(default=None, ge=1, le=100_000)
 
     @field_validator("url")
     @classmethod
@@ -220,9 +224,10 @@ class RoutingSettings(_Section):
     model_aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     # Seconds for trying candidates in turn before giving up on a request.
     retry_deadline_s: float = Field(default=15.0, gt=0)
-    # Requests a local backend serves at once when it does not say. Managed llama-servers
-    # say their slots and the embedded engine 1: beyond that, requests queue here, fairly.
-    # None: an external server that does not say (Ollama, vLLM) queues by itself; set a
+    # Requests a local backend serves at once when neither it nor its config entry says
+    # (`backends[].capacity`). Managed llama-servers say their slots, external ones their
+    # /props `total_slots`, the embedded engine 1: beyond that, requests queue here,
+    # fairly. None: a server that does not say (Ollama, vLLM) queues by itself; set a
     # number to queue here instead.
     default_capacity: int | None = Field(default=None, ge=1, le=100_000)
     # When every node holding a model is busy, a request waits, in weighted fair order

@@ -28,8 +28,8 @@ def make_backend(config: BackendSettings, limits: LimitSettings) -> Backend:
     )
     name = config.name or default_name(config.kind, config.url)
     if config.kind == "ollama":
-        return OllamaBackend(name, transport)
-    return OpenAICompatBackend(name, transport)
+        return OllamaBackend(name, transport, capacity=config.capacity)
+    return OpenAICompatBackend(name, transport, capacity=config.capacity)
 
 
 def default_name(kind: BackendKind, url: str) -> str:

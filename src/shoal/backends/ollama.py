@@ -8,6 +8,11 @@ with the parts joined into one string. Ollama's OpenAI route took only a string 
 it learned images, and since then makes each text part a message of its own; joined,
 they mean what llama.cpp's server and vLLM make of them. Parts with an image are left
 for Ollama, which reads base64 `data:` URLs.
+
+Capacity: Ollama runs OLLAMA_NUM_PARALLEL requests at once per loaded model, a setting of
+its server that no route of its API shows (not /api/ps, /api/show or /api/version). So
+it is what the operator configures (`capacity` on the backend's entry), else
+`routing.default_capacity`, else none: Ollama queues the rest by itself.
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ class OllamaBackend(OpenAICompatBackend):
         tags = await self._transport.get_json("/api/tags")
         ps = await self._transport.get_json("/api/ps")
         return parse_ollama_models(tags, ps)
+
+    async def said_capacity(self) -> int | None:
+        return None  # not visible through its API (see the module's docstring)
 
     async def send(self, op: Operation, body: bytes) -> HttpUpstream:
         if op is Operation.CHAT:

@@ -301,9 +301,10 @@ class Router:
 
 
 def capacity_of(detail: Mapping[str, object], default: int | None) -> int:
-    """Requests a local backend serves at once: what it says (a managed llama-server its
-    slots, the embedded engine 1), else `default` (`routing.default_capacity`), else
-    UNBOUNDED: it queues by itself."""
+    """Requests a local backend serves at once: what its status says (the `capacity`
+    configured on its entry, else the server's own word: an external llama-server's
+    /props slots, a managed one's slots, the embedded engine's 1), else `default`
+    (`routing.default_capacity`), else UNBOUNDED: it queues by itself."""
     said = detail.get("capacity")
     if isinstance(said, int) and not isinstance(said, bool) and said >= 1:
         return said
