@@ -197,9 +197,8 @@ def peer_port_caller(
     def caller_of(request: web.Request) -> Caller:
         transport = request.transport
         loopback = is_loopback(request.remote)
-        if not (
-            isinstance(transport, asyncio.Transport) and transport.get_extra_info("ssl_object")
-        ):
+        # Not isinstance(transport, asyncio.Transport): uvloop's transports are not.
+        if transport is None or not transport.get_extra_info("ssl_object"):
             return local if loopback else lan
         return Caller(loopback, peer_port=True, peer=peer_of_connection(transport))
 

@@ -32,6 +32,12 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     inflater = _inflater(request.headers.getall(hdrs.CONTENT_ENCODING, []))
+    content = request.content
+    if inflater is None and content.is_eof():  # all of it came with the head: no wait
+        body = await content.read()
+        if len(body) > limit:
+            raise too_large
+        return body
     # Pieces joined once at the end: a growing buffer would hold its old and new copies
     # at once each time it moves, near twice the cap just before a 413.
     pieces: list[bytes] = []

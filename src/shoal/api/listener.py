@@ -27,7 +27,7 @@ import re
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Final, TypedDict, Unpack
+from typing import Final, TypedDict, Unpack, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import (
@@ -285,8 +285,8 @@ class _Gate(asyncio.Protocol):
         self.handler: GuardedHandler | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._site.arrived(transport, self)
+        # A stream server's transport; uvloop's are not asyncio.Transport subclasses.
+        self._site.arrived(cast(asyncio.Transport, transport), self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.handler is not None:  # closed before its handshake began
