@@ -45,6 +45,7 @@ def cand(
     hw: float = 0.0,
     healthy: bool = True,
     node: str | None = None,
+    queued: int = 0,
 ) -> Candidate:
     return Candidate(
         key=key,
@@ -55,6 +56,7 @@ def cand(
         capacity=capacity,
         hardware_score=hw,
         healthy=healthy,
+        queued=queued,
     )
 
 
@@ -86,12 +88,29 @@ def test_load_is_in_flight_per_capacity() -> None:
     assert cand("x", in_flight=0, capacity=2).load == 0.0
 
 
+def test_a_queue_counts_as_load() -> None:
+    assert cand("x", in_flight=2, capacity=2, queued=3).load == 2.5
+
+
+@pytest.mark.parametrize("strategy", ["least_loaded", "local_spillover"])
+def test_new_work_goes_where_the_queue_is_shorter(strategy: Strategy) -> None:
+    """Two full peers: the one with fewer requests waiting is tried first, whatever
+    the tie-break's draw."""
+    for seed in range(20):
+        peers = [
+            cand("long", in_flight=2, capacity=2, queued=5),
+            cand("short", in_flight=2, capacity=2, queued=1),
+        ]
+        assert ranked(peers, strategy, seed=seed) == ["short", "long"]
+
+
 @pytest.mark.parametrize(
     ("fields", "word"),
     [
         ({"capacity": 0}, "capacity"),
         ({"capacity": -1}, "capacity"),
         ({"in_flight": -1}, "in_flight"),
+        ({"queued": -1}, "queued"),
         ({"hw": float("nan")}, "hardware_score"),
     ],
 )

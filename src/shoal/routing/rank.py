@@ -60,22 +60,27 @@ class Candidate:
     # own figure (llama-server slots, the embedded engine 1) or a peer's sum of them;
     # UNBOUNDED where a backend queues by itself.
     slots: int = UNBOUNDED
+    # Requests waiting for a slot there (a peer's advertised queue): work ahead of ours.
+    queued: int = 0
 
     def __post_init__(self) -> None:
         # Bad counts would silently reorder routes; refuse them where they are made.
         if self.capacity < 1:
             raise ValueError(f"candidate {self.key!r}: capacity must be >= 1, not {self.capacity}")
-        if self.in_flight < 0:
+        if self.in_flight < 0 or self.queued < 0:
             raise ValueError(
-                f"candidate {self.key!r}: in_flight must be >= 0, not {self.in_flight}"
+                f"candidate {self.key!r}: in_flight and queued must be >= 0, "
+                f"not {self.in_flight} and {self.queued}"
             )
         if math.isnan(self.hardware_score):
             raise ValueError(f"candidate {self.key!r}: hardware_score is NaN")
 
     @property
     def load(self) -> float:
-        """Requests running per request it can serve at once (1.0 = full)."""
-        return self.in_flight / self.capacity
+        """Requests running or waiting there per request it can serve at once (1.0 =
+        full): a node with a queue is further from serving a new request than one
+        without, however many it runs."""
+        return (self.in_flight + self.queued) / self.capacity
 
 
 def rank(

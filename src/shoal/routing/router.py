@@ -254,6 +254,7 @@ class Router:
                 in_flight=state.load.in_flight + self._ledger.peer(peer_id),
                 capacity=state.load.capacity,
                 slots=UNBOUNDED if state.load.slots is None else state.load.slots,
+                queued=state.load.queued,
                 hardware_score=state.hardware.score,
                 healthy=peer.view.state is PeerState.ALIVE,
             )
