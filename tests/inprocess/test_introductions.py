@@ -9,6 +9,7 @@ is tried a bounded number of times.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
@@ -102,6 +103,9 @@ async def test_an_introduction_that_leads_nowhere_is_tried_a_bounded_number_of_t
             `times` more times."""
             heard = len(b.seen(PeerStateChanged, peer_id=a.node_id))
             while len(b.seen(PeerStateChanged, peer_id=a.node_id)) < heard + times:
+                # A new snapshot each time (its seq grows only when something changed).
+                own = a.node.own_state
+                own.hardware = dataclasses.replace(own.hardware, cores=own.hardware.cores + 1)
                 a.node.peers.changed()
                 await wait_until(lambda: not a.node.peers._push.is_set(), 5, "a's push to go")
 

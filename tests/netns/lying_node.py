@@ -110,7 +110,9 @@ def lying_snapshot(self: OwnState) -> NodeState:
         dataclasses.replace(m, sha256=claims[m.sha256]) if m.sha256 in claims else m
         for m in state.models
     ]
+    seq = state.seq
     if HOSTILE is not None and Path(HOSTILE["flag"]).exists():
+        seq += 1 << 20  # a new snapshot: `seq` grows only when the content changes
         (held,) = [m for m in state.models if m.sha256 == HOSTILE["sha256"]]
         if not _told:
             _told.append(True)
@@ -119,7 +121,7 @@ def lying_snapshot(self: OwnState) -> NodeState:
                 file=sys.stderr, flush=True,
             )  # fmt: skip
         models += [dataclasses.replace(held, id=name, aliases=()) for name in HOSTILE["ids"]]
-    return dataclasses.replace(state, models=tuple(models))
+    return dataclasses.replace(state, models=tuple(models), seq=seq)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import pytest
 from shoal.backoff import Backoff
 from shoal.events import EventBus, PeerStateChanged
 from shoal.mesh.introductions import MAX_ATTEMPTS, Introducer, Introductions, usable
-from shoal.mesh.peers import Peers
+from shoal.mesh.peers import INTRODUCTION_TURN_S, Peers
 from shoal.mesh.state import MAX_INTRODUCTIONS, Introduction, NodeState
 from shoal.settings import LimitSettings, MeshSettings
 
@@ -146,8 +146,9 @@ async def test_a_large_mesh_is_introduced_in_turns() -> None:
     for i, node_id in enumerate(ids):
         peers.received(state(node_id), f"http://10.0.{i // 200}.{i % 200 + 1}:11450")
     seen: set[str] = set()
-    for _ in range(2):
-        turn = peers.introductions()
+    first = peers.introductions(now=0.0)
+    assert peers.introductions(now=INTRODUCTION_TURN_S - 1) == first  # one turn: one snapshot
+    for turn in (first, peers.introductions(now=INTRODUCTION_TURN_S)):
         assert len(turn) == MAX_INTRODUCTIONS
         seen.update(i.node_id for i in turn)
     assert seen == set(ids)

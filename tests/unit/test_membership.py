@@ -5,6 +5,7 @@ Every test passes `now` by hand: nothing sleeps and no clock is read.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -75,7 +76,7 @@ def test_a_sighted_peer_is_due_at_once_and_joins_on_its_first_answer() -> None:
         10.2,
     )
     assert v.interval_s == 5.0
-    assert v.next_due == pytest.approx(15.2)
+    assert v.next_due == pytest.approx(14.7)  # 5 s, less the lead (a tenth): see below
     assert m.routable() == ["a"]
     assert m.heartbeat_succeeded("a", 15.2) == []  # already alive: no event
 
@@ -114,7 +115,7 @@ def test_only_operator_given_addresses_are_reprobed_after_removal() -> None:
 
 
 def test_interval_grows_5_15_30_with_uninterrupted_uptime_and_resets_on_a_miss() -> None:
-    m = alive(Membership("me"), "a", 0.0)
+    m = alive(Membership("me", Timing(lead_fraction=0.0)), "a", 0.0)  # the lead: see below
     gaps: dict[float, float] = {}
     now = 0.0
     while now < 700.0:
@@ -148,7 +149,9 @@ def test_interval_thresholds() -> None:
 
 
 def test_timing_is_taken_from_the_caller() -> None:
-    timing = Timing(new_interval_s=1.0, established_after_s=3.0, established_interval_s=2.0)
+    timing = Timing(
+        new_interval_s=1.0, established_after_s=3.0, established_interval_s=2.0, lead_fraction=0
+    )
     m = alive(Membership("me", timing), "a", 0.0)
     assert view(m, "a").next_due == 1.0
     assert m.interval("a", 3.0) == 2.0
@@ -161,11 +164,70 @@ def test_timing_is_taken_from_the_caller() -> None:
         {"misses_to_remove": 0},
         {"established_after_s": 700.0},
         {"rejoin_max_s": 1.0},
+        {"lead_fraction": 1.0},
     ],
 )
 def test_nonsense_timing_is_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"need|must"):
         Timing(**bad)
+
+
+# -- one heartbeat per pair ---------------------------------------------------------------
+
+
+def test_a_peers_beat_counts_as_ours_and_puts_ours_a_whole_interval_away() -> None:
+    m = alive(Membership("me"), "a", 0.0)
+    assert view(m, "a").next_due == 4.5  # ours was answered: we lead, a tenth early
+    assert m.heard_from("a", 3.0) == []
+    assert (view(m, "a").next_due, view(m, "a").last_seen) == (8.0, 3.0)  # a whole interval
+    assert m.heard_from("nobody", 3.0) == []
+
+
+def test_a_peers_beat_recovers_a_suspect_peer_and_leaves_a_probe_in_flight_claimed() -> None:
+    m = alive(Membership("me"), "a", 0.0)
+    assert probe(m, "a", 4.5, ok=False) == [Event("suspect", "a")]
+    assert m.due(5.5) == ["a"]  # the fast retry, in flight
+    assert m.heard_from("a", 5.6) == [Event("recovered", "a")]
+    assert m.due(100.0) == []  # still claimed: never doubled
+    assert m.heartbeat_succeeded("a", 5.7) == []  # its result still counts
+    assert view(m, "a").next_due == pytest.approx(5.7 + 4.5)
+
+
+def test_a_removed_peer_comes_back_by_a_sighting_not_by_its_beat_alone() -> None:
+    m = alive(Membership("me"), "a", 0.0)
+    m.goodbye("a", 1.0)
+    assert m.heard_from("a", 5.0) == []
+    assert view(m, "a").state is PeerState.REMOVED
+    m.sighted("a", A, 5.0, "peer")  # what the driver does first
+    assert m.heard_from("a", 5.0) == [Event("joined", "a")]
+
+
+def test_two_nodes_settle_on_one_exchange_per_interval_and_each_hears_within_one() -> None:
+    """Two nodes' tables driven together, both starting a beat at the same moment: after
+    the first interval only one of them beats, once per 4.5 s; neither ever goes more
+    than an interval without hearing from the other."""
+    a, b = Membership("a"), Membership("b")
+    a.sighted("b", B, 0.0, "mdns")
+    b.sighted("a", A, 0.0, "mdns")
+    exchanges: list[tuple[float, str]] = []
+    heard = {"a": 0.0, "b": 0.0}
+    now = 0.0
+    while now < 120.0:
+        for me, other, table, remote in (("a", "b", a, b), ("b", "a", b, a)):
+            if other in table.due(now):
+                exchanges.append((now, me))
+                remote.heard_from(me, now + 0.001)  # it receives ours, then answers
+                table.heartbeat_succeeded(other, now + 0.002)
+                interval = 5.0 if now < 60.0 else 15.0  # established after a minute
+                assert now + 0.001 - heard[other] <= interval + 1e-9
+                assert now + 0.002 - heard[me] <= interval + 1e-9
+                heard[other], heard[me] = now + 0.001, now + 0.002
+        due = [d for d in (a.next_due(), b.next_due()) if d is not None]
+        now = min(due)
+    late = [t for t, _ in exchanges if t > 10.0]
+    assert len({who for t, who in exchanges if t > 10.0}) == 1  # one leads
+    gaps = {round(later - earlier, 1) for earlier, later in itertools.pairwise(late)}
+    assert gaps <= {4.5, 13.5}  # 5 s (then 15 s, after a minute), less the lead
 
 
 # -- suspect and removed ------------------------------------------------------------------
@@ -310,7 +372,7 @@ def test_goodbye_removes_a_peer_at_once_and_keeps_it_in_the_table() -> None:
 def test_a_withdrawn_advert_removes_nothing_but_makes_the_peer_due_at_once() -> None:
     # An mDNS goodbye is unauthenticated: a stranger can forge one for any node.
     m = alive(Membership("me"), "a", 0.0)
-    assert view(m, "a").next_due == 5.0
+    assert view(m, "a").next_due == 4.5
     assert m.withdrawn("a", 1.0) == []
     assert view(m, "a").state is PeerState.ALIVE and m.routable() == ["a"]
     assert m.due(1.0) == ["a"]
@@ -400,7 +462,7 @@ def test_sources_accumulate_and_an_address_change_is_reported_and_checked_at_onc
     m = alive(Membership("me"), "a", 0.0, source="mdns")
     assert m.sighted("a", A, 1.0, "static") == []
     assert view(m, "a").sources == frozenset({"mdns", "static"})
-    assert view(m, "a").next_due == 5.0  # same address, alive: nothing to hurry
+    assert view(m, "a").next_due == 4.5  # same address, alive: nothing to hurry
 
     assert m.sighted("a", B, 2.0, "static") == [Event("address_changed", "a")]
     v = view(m, "a")
@@ -494,7 +556,7 @@ def test_next_due_is_the_earliest_time_not_counting_probes_in_flight() -> None:
     m.heartbeat_succeeded("a", 4.5)
     assert m.next_due() == 7.0
     assert m.due(7.0) == ["b"]
-    assert m.next_due() == 9.5
+    assert m.next_due() == 9.0  # 4.5 + 5 s, less the lead
     assert [v.peer_id for v in m.views()] == ["a", "b"]
 
 
@@ -543,6 +605,11 @@ class MembershipMachine(RuleBasedStateMachine):
     def heartbeat_succeeded(self, peer_id: str) -> None:
         before = self.m.view(peer_id)
         self.apply(peer_id, self.m.heartbeat_succeeded(peer_id, self.now), before)
+
+    @rule(peer_id=PEER_IDS)
+    def heard_from(self, peer_id: str) -> None:
+        before = self.m.view(peer_id)
+        self.apply(peer_id, self.m.heard_from(peer_id, self.now), before)
 
     @rule(peer_id=PEER_IDS)
     def heartbeat_failed(self, peer_id: str) -> None:

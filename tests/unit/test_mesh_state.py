@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -252,3 +253,52 @@ def test_loosened_key_permissions_are_tightened(tmp_path: Path) -> None:
     (tmp_path / identity.KEY_FILE).chmod(0o644)
     identity.load_or_create(tmp_path)
     assert stat.S_IMODE(os.stat(tmp_path / identity.KEY_FILE).st_mode) == 0o600
+
+
+# -- one side of an exchange: `have`, and `Unchanged` ------------------------------------
+
+
+def test_a_message_carries_a_snapshot_or_unchanged_and_what_it_holds_of_the_receiver() -> None:
+    from shoal.mesh.state import (
+        Message,
+        Seen,
+        Unchanged,
+        decode_message,
+        encode_body,
+        encode_unchanged,
+        with_times,
+    )
+
+    state = dataclasses.replace(sample(), boot="b00t0001", clock=1.7e9)
+    have = Seen("0ther000", 41)
+    whole = with_times(encode_body(state), state.uptime_s, state.clock, have)
+    assert decode_message(whole) == Message(state, have)
+    assert decode(whole) == state  # an older node reads it: `have` is ignored
+    assert decode_message(state.encode()) == Message(state, None)  # an older node's
+    brief = with_times(encode_unchanged(state), 13.0, 1.7e9 + 1, None)
+    assert decode_message(brief) == Message(Unchanged(NODE_ID, 7, "b00t0001", 13.0, 1.7e9 + 1))
+    assert len(brief) < len(whole) / 5
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"have": {"boot": "b00t0001"}},
+        {"have": {"boot": "b00t0001", "seq": -1}},
+        {"have": {"boot": "no", "seq": 1}},
+        {"have": {"boot": "b00t0001", "seq": 1, "more": 1}},
+        {"have": [1]},
+        {"unchanged": False},
+        {"unchanged": True, "boot": None},
+        {"unchanged": True, "seq": "7"},
+        {"unchanged": True, "uptime_s": None},
+        {"unchanged": True, "node_id": "x"},
+    ],
+)
+def test_malformed_messages_are_refused(patch: dict[str, object]) -> None:
+    from shoal.mesh.state import decode_message
+
+    document = json.loads(dataclasses.replace(sample(), boot="b00t0001").encode())
+    document.update(patch)
+    with pytest.raises(ProtocolError):
+        decode_message(orjson.dumps(document))

@@ -6,6 +6,7 @@ in-process cluster (tests/inprocess) runs the same class over real mutual TLS.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from shoal.events import Event, EventBus, PeerJoined, PeerRemoved, PeerStateChanged, PeerSuspect
 from shoal.mesh.membership import PeerState
 from shoal.mesh.peers import Peers
-from shoal.mesh.state import NodeState
+from shoal.mesh.state import Message, NodeState, Seen, Unchanged, decode, decode_message
 from shoal.settings import LimitSettings, MeshSettings
 
 ME, PEER, OTHER = "0" * 64, "a" * 64, "b" * 64
@@ -134,17 +135,15 @@ def test_the_liveness_timers_come_from_the_settings() -> None:
     assert MeshSettings().timing() == type(timing)()  # the defaults are Timing's own
 
 
-async def test_a_peer_joining_pushes_our_state_so_the_others_hear_of_it(
+async def test_a_peer_joining_pushes_nothing_its_introduction_rides_the_next_beats(
     recorded: tuple[EventBus, list[Event]],
 ) -> None:
+    """N nodes starting together: a push per join was O(N²) pushes per node."""
     bus, _ = recorded
     peers = make(bus)
+    peers.received(state(PEER), "http://10.0.0.2:11450")
     assert not peers._push.is_set()
-    peers.received(state(PEER), "http://10.0.0.2:11450")  # joined: introduced to the rest
-    assert peers._push.is_set()
-    peers._push.clear()
-    peers.received(state(PEER, seq=2), "http://10.0.0.2:11450")  # a beat: nothing new
-    assert not peers._push.is_set()
+    assert [i.node_id for i in peers.introductions()] == [PEER]  # in our next snapshot
 
 
 async def test_peer_links_keep_idle_connections_past_the_longest_heartbeat() -> None:
@@ -171,3 +170,161 @@ def test_api_addresses_are_normalised_the_same_when_memoized() -> None:
         assert api_address("http://[::1]:11450") == "http://[::1]:11450"
         assert api_address("http://host:11450") is None
         assert api_address(["not", "a", "string"]) is None
+
+
+# -- the exchange: whole snapshots once, `Unchanged` after -----------------------------
+
+
+class Own:
+    """A node's own snapshot, as `OwnState` makes it: a boot ID, `seq` grows on change."""
+
+    def __init__(self, node_id: str, boot: str = "boot0001") -> None:
+        self.node_id, self.boot, self.seq, self.uptime = node_id, boot, 1, 0.0
+
+    def snapshot(self) -> NodeState:
+        self.uptime += 1.0
+        return NodeState(self.node_id, "n", "0", 11450, self.seq, self.uptime, boot=self.boot)
+
+
+class Wire:
+    """A link that hands our message to the other `Peers`' `answer`, and keeps both."""
+
+    def __init__(self, remote: Peers) -> None:
+        self.remote = remote
+        self.sent: list[Message] = []
+        self.answers: list[Message] = []
+
+    async def exchange(self, ours: bytes, timeout_s: float) -> Message:
+        self.sent.append(decode_message(ours))
+        answer = decode_message(self.remote.answer(self.sent[-1], "10.0.0.9"))
+        self.answers.append(answer)
+        return answer
+
+
+def pair(bus: EventBus) -> tuple[Peers, Own, Peers, Own, Wire]:
+    """Node ME and node PEER, where ME beats PEER over a `Wire`."""
+    me, peer = Own(ME), Own(PEER, "boot0002")
+    a = Peers(ME, me.snapshot, Dialer(), bus, MeshSettings(), LimitSettings())
+    b = Peers(PEER, peer.snapshot, Dialer(), EventBus(), MeshSettings(), LimitSettings())
+    a.sighted(PEER, "http://10.0.0.2:11450", "mdns")
+    wire = Wire(b)
+    a.link = lambda peer_id: wire  # type: ignore[assignment,method-assign,return-value]
+    return a, me, b, peer, wire
+
+
+async def test_an_idle_pair_exchanges_whole_snapshots_once_then_only_unchanged(
+    recorded: tuple[EventBus, list[Event]],
+) -> None:
+    bus, events = recorded
+    a, _, b, _, wire = pair(bus)
+    for _ in range(3):
+        await a._beat(PEER)
+    assert [type(m.state) for m in wire.sent] == [NodeState, Unchanged, Unchanged]
+    assert [type(m.state) for m in wire.answers] == [NodeState, Unchanged, Unchanged]
+    # Each side learnt the other from the first exchange and says so after it.
+    assert wire.sent[0].have is None and wire.sent[1].have == Seen("boot0002", 1)
+    assert wire.answers[0].have == Seen("boot0001", 1)
+    assert sum(isinstance(e, PeerStateChanged) for e in events) == 1
+    # Uptime and clock still arrive with every beat; both see the other alive.
+    (seen_by_a,) = a.routable()
+    assert seen_by_a.state is not None and seen_by_a.state.uptime_s == 3.0
+    assert seen_by_a.clock_offset_s is None  # (this fake sends no clock)
+    assert [p.view.peer_id for p in b.routable()] == [ME]
+    assert b.membership.view(ME).last_seen is not None  # type: ignore[union-attr]
+
+
+async def test_a_changed_snapshot_goes_whole_and_only_to_peers_without_it(
+    recorded: tuple[EventBus, list[Event]],
+) -> None:
+    bus, _ = recorded
+    a, me, b, peer, wire = pair(bus)
+    await a._beat(PEER)
+    me.seq, peer.seq = 2, 2
+    await a._beat(PEER)
+    assert [type(m.state) for m in wire.sent] == [NodeState, NodeState]
+    assert [type(m.state) for m in wire.answers] == [NodeState, NodeState]
+    assert b.peers()[0].state.seq == 2  # type: ignore[union-attr]
+    assert a.peers()[0].state.seq == 2  # type: ignore[union-attr]
+    # A push reaches only the peers that do not hold our newest snapshot yet.
+    pushes = asyncio.create_task(a._pushes())
+    a.changed()
+    await asyncio.sleep(0.05)
+    assert len(wire.sent) == 2  # PEER holds seq 2 already
+    me.seq = 3
+    a.changed()
+    await asyncio.sleep(0.3)  # past push_min_interval_s
+    pushes.cancel()
+    assert len(wire.sent) == 3 and wire.sent[-1].state.seq == 3
+
+
+async def test_a_peer_that_lost_our_snapshot_gets_it_whole_in_the_same_beat(
+    recorded: tuple[EventBus, list[Event]],
+) -> None:
+    """It restarted (a new process holds nothing of ours): our `Unchanged` is answered
+    with `have` None, and the whole snapshot follows at once."""
+    bus, _ = recorded
+    a, _, _, _, wire = pair(bus)
+    await a._beat(PEER)
+    restarted = Own(PEER, "boot0003")
+    wire.remote = Peers(
+        PEER, restarted.snapshot, Dialer(), EventBus(), MeshSettings(), LimitSettings()
+    )
+    await a._beat(PEER)
+    assert [type(m.state) for m in wire.sent] == [NodeState, Unchanged, NodeState]
+    assert wire.answers[-1].have == Seen("boot0001", 1)
+    assert a.peers()[0].state.boot == "boot0003"  # type: ignore[union-attr]
+    assert a.routable()[0].view.state is PeerState.ALIVE
+
+
+async def test_an_unchanged_we_cannot_place_is_a_miss_not_a_state(
+    recorded: tuple[EventBus, list[Event]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bus, _ = recorded
+    peers = make(bus)
+    peers.received(NodeState(PEER, "peer", "0", 11450, 1, 1.0, boot="aaaa1111"), "x")
+
+    async def liar(peer_id: str) -> Unchanged:
+        return Unchanged(PEER, 7, "bbbb2222", 2.0)
+
+    monkeypatch.setattr(peers, "_exchange", liar)
+    await peers._beat(PEER)
+    assert peers.peers()[0].view.state is PeerState.SUSPECT
+
+
+async def test_an_older_node_always_gets_and_gives_whole_snapshots() -> None:
+    """A node from before `have`: it answers whole snapshots and never says what it
+    holds, so we never send it `Unchanged`; what we send it its decoder reads."""
+    peers = Peers(ME, Own(ME).snapshot, Dialer(), EventBus(), MeshSettings(), LimitSettings())
+    peers.sighted(PEER, "http://10.0.0.2:11450", "mdns")
+    sent: list[bytes] = []
+
+    class OldLink:
+        async def exchange(self, ours: bytes, timeout_s: float) -> Message:
+            sent.append(ours)
+            decode(ours)  # what an older node does with it: no error
+            return decode_message(state(PEER).encode())
+
+    peers.link = lambda peer_id: OldLink()  # type: ignore[assignment,method-assign,return-value]
+    for _ in range(3):
+        await peers._beat(PEER)
+    assert all(decode_message(raw).state.__class__ is NodeState for raw in sent)
+    # And its requests (no `have`) are answered whole.
+    answer = decode_message(peers.answer(decode_message(state(PEER).encode()), "10.0.0.2"))
+    assert isinstance(answer.state, NodeState) and answer.have is None
+
+
+async def test_our_snapshot_is_encoded_once_per_seq(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shoal.mesh import peers as peers_module
+
+    calls: list[int] = []
+    real = peers_module.encode_body
+
+    def counted(s: NodeState) -> bytes:
+        calls.append(s.seq)
+        return real(s)
+
+    monkeypatch.setattr(peers_module, "encode_body", counted)
+    peers = Peers(ME, Own(ME).snapshot, Dialer(), EventBus(), MeshSettings(), LimitSettings())
+    for peer_id in (PEER, OTHER):
+        peers.answer(decode_message(state(peer_id).encode()), "10.0.0.2")
+    assert calls == [1]

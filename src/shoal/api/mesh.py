@@ -15,9 +15,9 @@ from aiohttp import web
 from shoal.api.access import CALLER
 from shoal.api.bodies import read_body
 from shoal.api.operator import json
-from shoal.api.services import ADMISSION, LIMITS, OWN_STATE, PEERS
+from shoal.api.services import ADMISSION, LIMITS, PEERS
 from shoal.errors import BusyError, Forbidden, InvalidRequest
-from shoal.mesh.state import ProtocolError, decode
+from shoal.mesh.state import ProtocolError, decode_message
 from shoal.trust.handshake import ConfirmReply, HandshakeError
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,12 @@ async def exchange_state(request: web.Request) -> web.Response:
     """A peer's heartbeat or push: take its snapshot, answer with ours."""
     peer_id = _peer(request)
     try:
-        state = decode(await _read(request, STATE_MAX_BYTES))
+        message = decode_message(await _read(request, STATE_MAX_BYTES))
     except ProtocolError as exc:
         raise InvalidRequest(f"not a Shoal state snapshot: {exc}") from None
-    if state.node_id != peer_id:
+    if message.node_id != peer_id:
         raise Forbidden("that snapshot is not the connecting node's own")
-    request.app[PEERS].received(state, _address(request.remote or "", state.api_port))
-    return _bytes(request.app[OWN_STATE].snapshot().encode())
+    return _bytes(request.app[PEERS].answer(message, request.remote or ""))
 
 
 async def goodbye(request: web.Request) -> web.Response:
@@ -93,11 +92,6 @@ async def _message(request: web.Request) -> dict[str, object]:
 
 async def _read(request: web.Request, limit: int) -> bytes:
     return await read_body(request, limit, request.app[LIMITS].body_timeout_s)
-
-
-def _address(ip: str, port: int) -> str:
-    host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}"
 
 
 def _bytes(body: bytes) -> web.Response:

@@ -1,6 +1,8 @@
 """What this node tells its peers about itself: a fresh state snapshot on demand,
 with the peers it introduces (`introductions`, wired by the node to `Peers`) and the
-files it is pulling (`files`, wired to `Downloads`)."""
+files it is pulling (`files`, wired to `Downloads`). Its `seq` grows only when something
+a peer uses changed (uptime and clock change by themselves and are no change): peers
+that hold the current one are answered `Unchanged` (`shoal.mesh.state.Message`)."""
 
 from __future__ import annotations
 
@@ -35,14 +37,15 @@ class OwnState:
         self._capacity = capacity
         self._slots = slots
         self._seq = 0
+        self._last: tuple[object, ...] = ()  # the last snapshot's content (no times)
         self._started = time.monotonic()
         self.boot = secrets.token_hex(8)  # this start of the process
         self.introductions: Callable[[], tuple[Introduction, ...]] = tuple
         self.files: Callable[[], tuple[FileAdvert, ...]] = tuple  # files being pulled
 
     def snapshot(self) -> NodeState:
-        """Models held (loaded wins over available), load as the ledger counts it."""
-        self._seq += 1
+        """Models held (loaded wins over available), load as the ledger counts it; `seq`
+        one more than the last snapshot's if anything but the times changed."""
         models: dict[str, ModelAdvert] = {}
         for info, _ in self._registry.models():
             known = models.get(info.id)
@@ -56,6 +59,26 @@ class OwnState:
                 aliases=info.aliases,
                 sha256=info.sha256 or (known.sha256 if known is not None else None),
             )
+        load = Load(
+            in_flight=self._ledger.local_in_flight,
+            queued=self._ledger.queued,
+            capacity=self._capacity,
+            slots=self._slots(),
+        )
+        peers, files = self.introductions(), self.files()
+        # Everything a peer uses but the times (asked for on every beat: no copies).
+        content = (
+            self.name,
+            self.api_port,
+            self.hardware,
+            tuple(models.values()),
+            load,
+            peers,
+            files,
+        )
+        if content != self._last:
+            self._seq += 1
+            self._last = content
         return NodeState(
             node_id=self.node_id,
             name=self.name,
@@ -63,16 +86,11 @@ class OwnState:
             api_port=self.api_port,
             seq=self._seq,
             uptime_s=round(time.monotonic() - self._started, 3),
-            models=tuple(models.values()),
-            load=Load(
-                in_flight=self._ledger.local_in_flight,
-                queued=self._ledger.queued,
-                capacity=self._capacity,
-                slots=self._slots(),
-            ),
+            models=content[3],
+            load=load,
             hardware=self.hardware,
-            peers=self.introductions(),
-            files=self.files(),
+            peers=peers,
+            files=files,
             clock=time.time(),
             boot=self.boot,
         )

@@ -17,7 +17,7 @@ import orjson
 
 from shoal.backends.base import Operation
 from shoal.backends.http import HttpTransport, HttpUpstream, SilenceDetection
-from shoal.mesh.state import NodeState, decode
+from shoal.mesh.state import Message, decode_message
 from shoal.protocol import GOODBYE_PATH, HOP_HEADER, PEER_PULL_PATH, STATE_PATH
 from shoal.settings import LimitSettings
 
@@ -45,9 +45,10 @@ class PeerLink:
             keepalive_timeout_s=min(KEEPALIVE_S, 0.6 * limits.idle_timeout_s),
         )
 
-    async def exchange(self, ours: NodeState, timeout_s: float) -> NodeState:
-        """Send our snapshot, get theirs: one heartbeat. Raises on failure."""
-        return decode(await self._transport.post(STATE_PATH, ours.encode(), timeout_s))
+    async def exchange(self, ours: bytes, timeout_s: float) -> Message:
+        """Send our side of a state exchange (`shoal.mesh.state.Message`, encoded), get
+        theirs: one heartbeat. Raises on failure."""
+        return decode_message(await self._transport.post(STATE_PATH, ours, timeout_s))
 
     async def goodbye(self, node_id: str, timeout_s: float) -> None:
         await self._transport.post(GOODBYE_PATH, orjson.dumps({"node_id": node_id}), timeout_s)

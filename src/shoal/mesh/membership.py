@@ -18,7 +18,12 @@ sleeps until `next_due()`, like aioquic's `get_timer()`.
                          └── rejoin probe answered ──► ALIVE
 
 Heartbeats come every 5 s for a new peer, 15 s once it has been alive a minute without a
-miss, 30 s after ten minutes. A miss makes an alive peer SUSPECT and it is checked
+miss, 30 s after ten minutes. A heartbeat is an exchange both ways, so one per pair of
+peers per interval is enough: a peer's own beat reaching us (`heard_from`) counts as
+ours, and puts our next one a whole interval away, while a node whose beat was answered
+beats again a little early (`Timing.lead_fraction`). The one that beat last keeps the
+lead, the other only answers; neither waits longer than an interval to hear from the
+other, as when both beat. A miss makes an alive peer SUSPECT and it is checked
 again after one second, so a blip clears fast and a death is confirmed fast. A removed
 peer stays in the table and is re-probed with exponential backoff: forever if the
 operator gave its address (static config or `shoal join`); for `rejoin_for_s` if it was
@@ -126,6 +131,11 @@ class Timing:
     # connection): for this long they are stale and ignored. A restarted node comes back
     # by its announcement (a sighting) and our probe, never by a push alone this early.
     left_quiet_s: float = 2.0
+    # A node whose beat was answered beats again this fraction of an interval early, so
+    # its beat reaches the peer before the peer's own falls due (a whole interval after
+    # the beat it answered): one exchange per pair per interval, not two. A tenth is
+    # far more than a LAN round trip, even on a loaded machine (0.5 s of 5 s).
+    lead_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         positive = (
@@ -141,6 +151,8 @@ class Timing:
             raise ValueError("need 0 <= established_after_s <= stable_after_s")
         if self.rejoin_max_s < self.rejoin_first_s:
             raise ValueError("need rejoin_first_s <= rejoin_max_s")
+        if not 0 <= self.lead_fraction < 1:
+            raise ValueError("need 0 <= lead_fraction < 1")
 
     @property
     def rejoin(self) -> Backoff:
@@ -237,13 +249,26 @@ class Membership:
         return events
 
     def heartbeat_succeeded(self, peer_id: str, now: float) -> list[Event]:
-        """The peer answered: ALIVE, misses cleared, next beat one interval away."""
+        """The peer answered: ALIVE, misses cleared, next beat one interval away (less
+        the lead: see the theory of operation)."""
         peer = self._peers.get(peer_id)
         if peer is None:
             return []
         claimed_in, peer.claimed_in = peer.claimed_in, None
         if peer.state is PeerState.REMOVED and claimed_in is not PeerState.REMOVED:
             return []  # stale: sent before it left, not a rejoin probe
+        return self._answered(peer, now, 1.0 - self.timing.lead_fraction)
+
+    def heard_from(self, peer_id: str, now: float) -> list[Event]:
+        """The peer sent us its state (its heartbeat or a push): as good as an answered
+        heartbeat, and our next one is a whole interval away. A probe of ours in flight
+        stays in flight (its result is still to be reported)."""
+        peer = self._peers.get(peer_id)
+        if peer is None or peer.state is PeerState.REMOVED:
+            return []  # only a sighting or a rejoin probe brings a removed peer back
+        return self._answered(peer, now, 1.0)
+
+    def _answered(self, peer: _Peer, now: float, share: float) -> list[Event]:
         previous = peer.state
         peer.misses = 0
         peer.last_seen = now
@@ -252,10 +277,10 @@ class Membership:
             peer.alive_since = now
             peer.rejoin_failures = 0
         peer.interval_s = self._interval_of(peer, now)
-        peer.next_due = now + peer.interval_s
+        peer.next_due = now + peer.interval_s * share
         if previous is PeerState.ALIVE:
             return []
-        return [Event(_EVENT_ON_ANSWER[previous], peer_id)]
+        return [Event(_EVENT_ON_ANSWER[previous], peer.peer_id)]
 
     def heartbeat_failed(self, peer_id: str, now: float) -> list[Event]:
         """No answer (a timeout included): one more miss; enough of them remove it."""

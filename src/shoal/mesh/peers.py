@@ -5,14 +5,19 @@ Theory of operation: the table holds paired nodes only. Admission
 discovery sees a trusted node again, and takes it out (`forget`) when it loses trust; a
 paired peer that sends us its state (`received`) is in the table from then on. A
 heartbeat is a state exchange over mutual TLS: we POST our snapshot and get the peer's
-back, so both sides learn each other from one request. `Membership` decides who is due
+back, so both sides learn each other from one request (and one beat per pair and
+interval is enough: `Membership.heard_from`). Each side says which snapshot of the other
+it holds (`Message.have`), and a snapshot the other already holds is sent as
+`Unchanged`: an idle mesh exchanges a hundred-odd bytes a beat, and each snapshot is
+encoded once per `seq`, however many peers it goes to. `Membership` decides who is due
 and when a peer is suspect or removed; this module only does the I/O, keeps the newest
 snapshot of every peer, and publishes what changed (`PeerJoined`, `PeerSuspect`,
 `PeerRecovered`, `PeerRemoved`, `PeerAddressChanged`, `PeerStateChanged`). When this
-node's state changes (models, load), `changed()` pushes it to every live peer at once
-rather than on the next beat. Our snapshot introduces our live peers to each other
-(`introductions()`, `shoal.mesh.introductions`); a peer joining is such a change, so the
-others hear of it at once.
+node's state changes (models, load), `changed()` pushes it to every live peer that does
+not hold it yet, rather than on the next beat. Our snapshot introduces our live peers to
+each other (`introductions()`, `shoal.mesh.introductions`); a peer joining changes it,
+but is not pushed: the others hear of it on their next beat (on a LAN, mDNS has told
+them already), so N nodes starting together cost no storm of N² pushes.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -41,13 +46,28 @@ from shoal.events import (
 )
 from shoal.mesh.link import PeerLink
 from shoal.mesh.membership import Event, Membership, PeerState, PeerView, Source
-from shoal.mesh.state import MAX_INTRODUCTIONS, Introduction, NodeState, ProtocolError, api_address
+from shoal.mesh.state import (
+    MAX_INTRODUCTIONS,
+    Introduction,
+    Message,
+    NodeState,
+    ProtocolError,
+    Seen,
+    Unchanged,
+    api_address,
+    encode_body,
+    encode_unchanged,
+    with_times,
+)
 from shoal.settings import LimitSettings, MeshSettings
 from shoal.trust.handshake import HandshakeError
 
 log = logging.getLogger(__name__)
 
 GOODBYE_TIMEOUT_S = 0.8  # a clean shutdown must be seen by peers within 1 s
+#: A mesh larger than MAX_INTRODUCTIONS is introduced in turns, a turn this long: each
+#: turn is a new snapshot (one whole snapshot per peer), so not one per beat.
+INTRODUCTION_TURN_S = 30.0
 _EXCHANGE_ERRORS: tuple[type[BaseException], ...] = (*PROBE_ERRORS, ProtocolError, HandshakeError)
 # KeyError: the peer left the table (forgotten) while its beat was due.
 _BEAT_ERRORS: tuple[type[BaseException], ...] = (*_EXCHANGE_ERRORS, KeyError)
@@ -100,7 +120,16 @@ class Peers:
         self._exchanging = 0  # state exchanges in flight
         self._quiet = asyncio.Event()  # set while none is
         self._quiet.set()
-        self._introduced_from = 0  # where the next snapshot's introductions start
+        self._introduced_from = 0  # where the current turn of introductions starts
+        self._turn_started = float("-inf")
+        # Bumped whenever who is alive, or where, may have changed: introductions are
+        # recomputed only then (an O(N) walk per snapshot was a large mesh's idle cost).
+        self._roster_version = 0
+        self._introduced: tuple[int, tuple[Introduction, ...]] = (-1, ())
+        # Which of our snapshots each peer holds, as its last message said (None: none,
+        # or an older node that does not say: it always gets whole snapshots).
+        self._acked: dict[str, Seen | None] = {}
+        self._body: tuple[int, bytes] = (-1, b"")  # our snapshot encoded, for its seq
 
     # -- what the rest of the node sees ---------------------------------------------
 
@@ -117,20 +146,27 @@ class Peers:
         usable = [p for p in self.peers() if p.state is not None and p.view.state in order]
         return sorted(usable, key=lambda p: order[p.view.state])
 
-    def introductions(self) -> tuple[Introduction, ...]:
+    def introductions(self, now: float | None = None) -> tuple[Introduction, ...]:
         """Whom we know, for our snapshot: the alive peers, each at the API address we
         reach it at (an IP literal: a name may resolve otherwise elsewhere). At most
-        MAX_INTRODUCTIONS at a time; a larger mesh is introduced in turns."""
-        known = [
-            Introduction(view.peer_id, address)
-            for view in self.membership.views()
-            if view.state is PeerState.ALIVE and (address := api_address(view.address))
-        ]
+        MAX_INTRODUCTIONS at a time; a larger mesh is introduced in turns of
+        INTRODUCTION_TURN_S."""
+        now = time.monotonic() if now is None else now
+        version, known = self._introduced
+        if version != self._roster_version:
+            known = tuple(
+                Introduction(view.peer_id, address)
+                for view in self.membership.views()
+                if view.state is PeerState.ALIVE and (address := api_address(view.address))
+            )
+            self._introduced = (self._roster_version, known)
         if len(known) <= MAX_INTRODUCTIONS:
-            return tuple(known)
+            return known
+        if now - self._turn_started >= INTRODUCTION_TURN_S:
+            self._turn_started = now
+            self._introduced_from += MAX_INTRODUCTIONS
         start = self._introduced_from % len(known)
-        self._introduced_from = start + MAX_INTRODUCTIONS
-        return tuple((known + known)[start : start + MAX_INTRODUCTIONS])
+        return (known + known)[start : start + MAX_INTRODUCTIONS]
 
     def link(self, peer_id: str) -> PeerLink:
         """The mTLS link to a paired peer, at the address it was last seen at."""
@@ -151,14 +187,34 @@ class Peers:
         self._apply(self.membership.sighted(peer_id, address, time.monotonic(), source))
         self._wake.set()
 
-    def received(self, state: NodeState, address: str) -> None:
-        """A paired peer sent us its snapshot (its heartbeat or a push)."""
+    def received(self, state: NodeState | Unchanged, address: str) -> None:
+        """A paired peer sent us its snapshot (its heartbeat or a push), or said it is
+        unchanged (ignored unless we hold the one it means)."""
         now = time.monotonic()
         if not self.membership.accepts_snapshot(state.node_id, now):
             return  # sent before its goodbye, arriving after it
-        self._apply(self.membership.sighted(state.node_id, address, now, "peer"))
-        self._keep(state)
-        self._apply(self.membership.heartbeat_succeeded(state.node_id, now))
+        if isinstance(state, Unchanged):
+            if not self._refresh(state):
+                return  # not one we hold: our answer's `have` makes it send the whole
+        else:
+            self._apply(self.membership.sighted(state.node_id, address, now, "peer"))
+            self._keep(state)
+        self._apply(self.membership.heard_from(state.node_id, now))
+
+    def answer(self, message: Message, remote_ip: str) -> bytes:
+        """A peer's side of a state exchange (checked to be its own by the caller): take
+        it, and say ours: `Unchanged` if it holds our current snapshot."""
+        peer_id = message.node_id
+        held = self._states.get(peer_id)
+        port = message.state.api_port if isinstance(message.state, NodeState) else None
+        if port is None and held is not None:
+            port = held.api_port
+        host = f"[{remote_ip}]" if ":" in remote_ip else remote_ip
+        self.received(message.state, f"http://{host}:{port or 0}")
+        self._acked[peer_id] = message.have
+        ours = self._snapshot()
+        brief = ours.seen is not None and message.have == ours.seen
+        return self._encode(ours, brief=brief, have=self._seen(peer_id))
 
     def goodbye(self, peer_id: str) -> None:
         """The peer itself said it leaves (over mutual TLS): removed at once."""
@@ -175,7 +231,9 @@ class Peers:
         if view is not None and view.state in (PeerState.ALIVE, PeerState.SUSPECT):
             self._bus.publish(PeerRemoved(peer_id, self._name(peer_id), "untrusted"))
         self.membership.forget(peer_id)
+        self._roster_version += 1
         self._states.pop(peer_id, None)
+        self._acked.pop(peer_id, None)
         self._close_links(peer_id)
 
     def _close_links(self, peer_id: str) -> None:
@@ -211,14 +269,44 @@ class Peers:
         if old is None or state.seq > old.seq or restarted:
             self._states[state.node_id] = state
             self._bus.publish(PeerStateChanged(state.node_id, state.name, state))
+        elif state.seq == old.seq and state.uptime_s > old.uptime_s:
+            self._states[state.node_id] = state  # the same state, its uptime newer
+
+    def _refresh(self, unchanged: Unchanged) -> bool:
+        """The peer's state is one we hold (or older than it): keep its new uptime and
+        clock. False if we hold none of that boot."""
+        old = self._states.get(unchanged.node_id)
+        if old is None or old.boot != unchanged.boot or old.seq < unchanged.seq:
+            return False
+        if unchanged.clock is not None:
+            self._clock_offsets[unchanged.node_id] = unchanged.clock - time.time()
+        if old.seq == unchanged.seq and unchanged.uptime_s > old.uptime_s:
+            self._states[unchanged.node_id] = replace(old, uptime_s=unchanged.uptime_s)
+        return True
+
+    def _seen(self, peer_id: str) -> Seen | None:
+        """Which snapshot of the peer we hold, as our messages say."""
+        state = self._states.get(peer_id)
+        return None if state is None else state.seen
+
+    def _encode(self, ours: NodeState, *, brief: bool, have: Seen | None) -> bytes:
+        """Our side of an exchange: our snapshot, whole (encoded once per seq) or
+        `Unchanged`, with its times and what we hold of the peer's."""
+        if brief:
+            body = encode_unchanged(ours)
+        else:
+            if self._body[0] != ours.seq:
+                self._body = (ours.seq, encode_body(ours))
+            body = self._body[1]
+        return with_times(body, ours.uptime_s, ours.clock, have)
 
     def _apply(self, events: list[Event]) -> None:
         for event in events:
+            self._roster_version += 1  # whom we introduce may have changed
             self._bus.publish(self._typed(event))
             if event.kind in ("suspect", "removed", "left"):
                 self._close_links(event.peer_id)
-            elif event.kind == "joined":
-                self.changed()  # introduce it to the others now, not on their next beat
+                self._acked.pop(event.peer_id, None)
 
     def _typed(self, event: Event) -> PeerEvent:
         peer_id, name = event.peer_id, self._name(event.peer_id)
@@ -280,28 +368,43 @@ class Peers:
         sent = time.monotonic()
         try:
             state = await self._exchange(peer_id)
+            if state.node_id != peer_id:  # cannot pass the pinned TLS; refuse it anyway
+                raise ProtocolError("answered by another node")
+            if isinstance(state, Unchanged) and not self._refresh(state):
+                raise ProtocolError("unchanged from a state we do not hold")
         except _BEAT_ERRORS:
-            self._apply(self.membership.heartbeat_failed(peer_id, time.monotonic()))
-            return
-        if state.node_id != peer_id:  # cannot pass the pinned TLS; refuse it all the same
             self._apply(self.membership.heartbeat_failed(peer_id, time.monotonic()))
             return
         now = time.monotonic()
         if self._bus.wants(HeartbeatAnswered):
             self._bus.publish(HeartbeatAnswered(peer_id, now - sent))
-        self._keep(state)
+        if isinstance(state, NodeState):
+            self._keep(state)
         self._apply(self.membership.heartbeat_succeeded(peer_id, now))
 
-    async def _exchange(self, peer_id: str) -> NodeState:
+    async def _exchange(self, peer_id: str) -> NodeState | Unchanged:
         timeout = self._settings.heartbeat_timeout_s
-        return await self.link(peer_id).exchange(self._snapshot(), timeout)
+        link = self.link(peer_id)
+        ours = self._snapshot()
+        brief = ours.seen is not None and self._acked.get(peer_id) == ours.seen
+        have = self._seen(peer_id)
+        reply = await link.exchange(self._encode(ours, brief=brief, have=have), timeout)
+        if brief and reply.have != ours.seen:  # it lost ours (restarted): the whole, now
+            reply = await link.exchange(self._encode(ours, brief=False, have=have), timeout)
+        self._acked[peer_id] = reply.have
+        return reply.state
 
     async def _pushes(self) -> None:
         while True:
             await self._push.wait()
             self._push.clear()
-            alive = [p.view.peer_id for p in self.routable()]
-            await asyncio.gather(*(self._beat(peer_id) for peer_id in alive))
+            current = self._snapshot().seen
+            stale = [
+                p.view.peer_id
+                for p in self.routable()
+                if current is None or self._acked.get(p.view.peer_id) != current
+            ]
+            await asyncio.gather(*(self._beat(peer_id) for peer_id in stale))
             await asyncio.sleep(self._settings.push_min_interval_s)
 
     async def leave(self) -> None:

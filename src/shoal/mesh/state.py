@@ -9,6 +9,13 @@ the newest it has seen. It also lists the model files the node is still pulling,
 with a have-bitmap of the chunks it holds verified, so that peers pulling the same file
 fetch those chunks from it too (`shoal.models.downloads`). Decoding checks every field:
 a peer's bytes are input like any other.
+
+One side of a state exchange is a `Message`: the sender's snapshot, and which snapshot
+of the receiver's the sender holds (`have`, a `Seen`). When the receiver already holds
+the sender's current snapshot (the `have` it sent says so), the snapshot is replaced by
+`Unchanged`: the sender's ID, seq, boot, uptime and clock, a tenth of the bytes and
+none of the parsing. Both fields are optional: a node that sends no `have` (an older
+one) always gets and gives whole snapshots.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import functools
 import ipaddress
 import os
 import platform
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +146,43 @@ class Introduction:
 
 
 @dataclass(frozen=True, slots=True)
+class Seen:
+    """One snapshot of a node, as another acknowledges holding it: its boot and `seq`."""
+
+    boot: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unchanged:
+    """A snapshot's stand-in: "my state is still the one you hold" (the sender's `seq` of
+    this `boot`), with what changes by itself."""
+
+    node_id: str
+    seq: int
+    boot: str
+    uptime_s: float
+    clock: float | None = None
+
+    @property
+    def seen(self) -> Seen:
+        return Seen(self.boot, self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One side of a state exchange: the sender's snapshot (or `Unchanged`), and which of
+    the receiver's snapshots the sender holds (None: none, or a node that does not say)."""
+
+    state: NodeState | Unchanged
+    have: Seen | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.state.node_id
+
+
+@dataclass(frozen=True, slots=True)
 class NodeState:
     node_id: str
     name: str
@@ -158,36 +203,72 @@ class NodeState:
     # nodes that do not send it (then a lower uptime says so).
     boot: str | None = None
 
+    @property
+    def seen(self) -> Seen | None:
+        """Which snapshot this is, as a receiver acknowledges it (None without a boot ID:
+        an older node, which never sends `Unchanged`)."""
+        return None if self.boot is None else Seen(self.boot, self.seq)
+
     def encode(self) -> bytes:
-        return orjson.dumps(
-            {
-                "v": PROTOCOL_VERSION,
-                "node_id": self.node_id,
-                "name": self.name,
-                "version": self.version,
-                "api_port": self.api_port,
-                "seq": self.seq,
-                "uptime_s": self.uptime_s,
-                "models": [_model_dict(m) for m in self.models],
-                "load": {
-                    "in_flight": self.load.in_flight,
-                    "queued": self.load.queued,
-                    "capacity": self.load.capacity,
-                    **({"slots": self.load.slots} if self.load.slots is not None else {}),
-                },
-                "hardware": {
-                    "cpu": self.hardware.cpu,
-                    "cores": self.hardware.cores,
-                    "ram_bytes": self.hardware.ram_bytes,
-                    "gpu": self.hardware.gpu,
-                    "vram_bytes": self.hardware.vram_bytes,
-                },
-                "peers": [{"node_id": p.node_id, "address": p.address} for p in self.peers],
-                **({"files": [_file_dict(f) for f in self.files]} if self.files else {}),
-                **({"clock": self.clock} if self.clock is not None else {}),
-                **({"boot": self.boot} if self.boot is not None else {}),
-            }
-        )
+        return with_times(encode_body(self), self.uptime_s, self.clock, None)
+
+
+def encode_body(state: NodeState) -> bytes:
+    """The snapshot without what changes by itself (uptime, clock): the same bytes for one
+    `seq`, so a sender encodes it once and adds those with `with_times`."""
+    load, hardware = state.load, state.hardware
+    return orjson.dumps(
+        {
+            "v": PROTOCOL_VERSION,
+            "node_id": state.node_id,
+            "name": state.name,
+            "version": state.version,
+            "api_port": state.api_port,
+            "seq": state.seq,
+            "models": [_model_dict(m) for m in state.models],
+            "load": {
+                "in_flight": load.in_flight,
+                "queued": load.queued,
+                "capacity": load.capacity,
+                **({"slots": load.slots} if load.slots is not None else {}),
+            },
+            "hardware": {
+                "cpu": hardware.cpu,
+                "cores": hardware.cores,
+                "ram_bytes": hardware.ram_bytes,
+                "gpu": hardware.gpu,
+                "vram_bytes": hardware.vram_bytes,
+            },
+            "peers": [{"node_id": p.node_id, "address": p.address} for p in state.peers],
+            **({"files": [_file_dict(f) for f in state.files]} if state.files else {}),
+            **({"boot": state.boot} if state.boot is not None else {}),
+        }
+    )
+
+
+def with_times(body: bytes, uptime_s: float, clock: float | None, have: Seen | None) -> bytes:
+    """`body` (a JSON object: `encode_body`'s, or `encode_unchanged`'s) with the sender's
+    uptime and clock, and the `have` of a `Message`, added."""
+    tail: dict[str, Any] = {"uptime_s": uptime_s}
+    if clock is not None:
+        tail["clock"] = clock
+    if have is not None:
+        tail["have"] = {"boot": have.boot, "seq": have.seq}
+    return body[:-1] + b"," + orjson.dumps(tail)[1:]
+
+
+def encode_unchanged(state: NodeState) -> bytes:
+    """`Unchanged` for `state` (which has a boot ID), without its times (`with_times`)."""
+    assert state.boot is not None, "only a snapshot with a boot ID can be acknowledged"
+    return orjson.dumps(
+        {
+            "v": PROTOCOL_VERSION,
+            "node_id": state.node_id,
+            "unchanged": True,
+            "seq": state.seq,
+            "boot": state.boot,
+        }
+    )
 
 
 def _file_dict(file: FileAdvert) -> dict[str, Any]:
@@ -214,6 +295,34 @@ def _model_dict(model: ModelAdvert) -> dict[str, Any]:
 
 def decode(raw: bytes) -> NodeState:
     """Parse and check a snapshot; raise ProtocolError on anything malformed."""
+    return _state(_document(raw))
+
+
+def decode_message(raw: bytes) -> Message:
+    """Parse and check one side of a state exchange (a whole snapshot, as older nodes
+    send, is one); raise ProtocolError on anything malformed."""
+    doc = _document(raw)
+    have = doc.get("have")
+    seen = None if have is None else _seen(have)
+    unchanged = doc.get("unchanged")
+    if unchanged is None:
+        return Message(_state(doc), seen)
+    if unchanged is not True:
+        raise ProtocolError("unchanged must be true when present")
+    boot = _boot(doc.get("boot"))
+    if boot is None:
+        raise ProtocolError("an unchanged state names the boot it is of")
+    state = Unchanged(
+        node_id=_node_id(doc.get("node_id")),
+        seq=_int(doc, "seq", 0, 2**63),
+        boot=boot,
+        uptime_s=_number(doc, "uptime_s"),
+        clock=None if doc.get("clock") is None else _number(doc, "clock"),
+    )
+    return Message(state, seen)
+
+
+def _document(raw: bytes) -> dict[str, Any]:
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -224,6 +333,22 @@ def decode(raw: bytes) -> NodeState:
         raise ProtocolError(
             f"protocol version {doc.get('v')!r}; this node speaks {PROTOCOL_VERSION}"
         )
+    return doc
+
+
+_SEEN_KEYS = frozenset({"boot", "seq"})
+
+
+def _seen(value: object) -> Seen:
+    if not isinstance(value, dict) or value.keys() != _SEEN_KEYS:
+        raise ProtocolError("have is an object of boot and seq, nothing else")
+    boot = _boot(value["boot"])
+    if boot is None:
+        raise ProtocolError("have names a boot")
+    return Seen(boot, _int(value, "seq", 0, 2**63))
+
+
+def _state(doc: dict[str, Any]) -> NodeState:
     node_id = _node_id(doc.get("node_id"))
     models = doc.get("models")
     if not isinstance(models, list) or len(models) > _MAX_MODELS:
@@ -292,12 +417,11 @@ def _files(value: object) -> tuple[FileAdvert, ...]:
     return tuple(found)
 
 
+_NODE_ID = re.compile(r"[0-9a-f]{64}")
+
+
 def _node_id(value: object) -> str:
-    if (
-        not isinstance(value, str)
-        or len(value) != 64
-        or any(c not in "0123456789abcdef" for c in value)
-    ):
+    if not isinstance(value, str) or not _NODE_ID.fullmatch(value):
         raise ProtocolError("node_id must be 64 lowercase hex digits")
     return value
 
