@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.backends.base import BackendStatus, Health
+from shoal.backends.base import BackendStatus, Health, Operation
 from shoal.events import (
     BackendDown,
     BackendReported,
@@ -22,6 +22,7 @@ from shoal.events import (
     RequestRouted,
 )
 from shoal.node import Node
+from shoal.routing.rank import hop_policy
 from shoal.trust import secret as secret_mod
 from tests.cluster import chat, cluster, node_settings, wait_until
 
@@ -40,6 +41,14 @@ async def test_a_request_for_a_peers_model_is_forwarded_counted_and_told(
         await wait_until(lambda: a.node.ledger.peer(b.node_id) == 1, 5, "a to count the hop")
         assert a.node.ledger.local_in_flight == 0
         assert b.node.ledger.local_in_flight == 1
+
+        def b_runs() -> int:
+            held = {h.peer_id: h.state for h in a.node.peers.holders()}
+            return held[b.node_id].load.in_flight
+
+        await wait_until(lambda: b_runs() == 1, 5, "b's state, counting our request, at a")
+        [target] = a.node.router.route(Operation.CHAT, "only-on-b", hop_policy({}))
+        assert target.candidate.in_flight == 1  # ours, counted once: by b and by a's books
         gate.set()
         status, headers, answer = await request
         assert (status, answer["served"]) == (200, "fake1")

@@ -389,6 +389,12 @@ class Membership:
         peer = self._peers.get(peer_id)
         return None if peer is None else _view_of(peer)
 
+    def liveness(self, peer_id: str) -> PeerState | None:
+        """A peer's state, without a view's copy (the request path asks this of every
+        peer holding a model)."""
+        peer = self._peers.get(peer_id)
+        return None if peer is None else peer.state
+
     def views(self) -> list[PeerView]:
         return [_view_of(self._peers[peer_id]) for peer_id in sorted(self._peers)]
 

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -93,6 +93,15 @@ class Peer:
         return self.state.name if self.state else self.view.peer_id[:12]
 
 
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A peer as routing sees it: its last snapshot and its liveness."""
+
+    peer_id: str
+    state: NodeState
+    liveness: PeerState
+
+
 class Peers:
     def __init__(
         self,
@@ -138,6 +147,14 @@ class Peers:
             Peer(view, self._states.get(view.peer_id), self._clock_offsets.get(view.peer_id))
             for view in self.membership.views()
         ]
+
+    def holders(self) -> Iterator[Holder]:
+        """Every peer with a snapshot, as routing reads it: no view is built (this is
+        the request path, once per peer per request)."""
+        liveness = self.membership.liveness
+        for peer_id, state in self._states.items():
+            if (known := liveness(peer_id)) is not None:
+                yield Holder(peer_id, state, known)
 
     def routable(self) -> list[Peer]:
         """Peers with a snapshot that are alive, then suspect ones (pushes and goodbyes go

@@ -80,10 +80,8 @@ class LoadLedger:
         return self._backends.get(name, 0)
 
     def peer(self, peer_id: str) -> int:
-        """Requests this node has sent to `peer_id` that are not finished yet.
-
-        The peer's last snapshot does not count them yet: routing adds the two.
-        """
+        """Requests this node has sent to `peer_id` that are not finished yet (its own
+        snapshot counts them too, once it has them: routing takes the larger)."""
         return self._peers.get(peer_id, 0)
 
     def model(self, name: str) -> int:

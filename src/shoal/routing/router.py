@@ -26,7 +26,7 @@ from shoal.errors import (
     ShoalError,
 )
 from shoal.mesh.membership import PeerState
-from shoal.mesh.peers import Peer, Peers
+from shoal.mesh.peers import Holder, Peer, Peers
 from shoal.routing.affinity import AffinityTable, Keys
 from shoal.routing.ledger import LoadLedger
 from shoal.routing.rank import (
@@ -100,12 +100,11 @@ class PeerTarget:
     route: Literal["local", "peer"] = "peer"
     served: Callable[[str], None] | None = None  # see _Served
 
-    def __init__(self, peer: Peer, peers: Peers, model: str, candidate: Candidate) -> None:
-        assert peer.state is not None
-        self._peer_id = peer.view.peer_id
+    def __init__(self, holder: Holder, peers: Peers, model: str, candidate: Candidate) -> None:
+        self._peer_id = holder.peer_id
         self._peers = peers
-        self.peer_state = peer.view.state  # as it was when the route was chosen
-        self.name = peer.state.name
+        self.peer_state = holder.liveness  # as it was when the route was chosen
+        self.name = holder.state.name
         self.model = model
         self.candidate = candidate
 
@@ -237,28 +236,30 @@ class Router:
         if self._peers is None:
             return []
         targets: list[Target] = []
-        for peer in self._peers.peers():
-            state = peer.state
-            if state is None:
-                continue
+        for holder in self._peers.holders():
+            state = holder.state
             usable = [m for m in state.models if op.value in m.operations]
             model = next((m for n in names for m in usable if m.answers_to(n)), None)
             if model is None:
                 continue
-            peer_id = peer.view.peer_id
+            peer_id = holder.peer_id
+            # Its snapshot counts the requests we sent it once it has them (summing the
+            # two counted ours twice for as long as they ran: a peer with a free slot
+            # looked full); until then our own count is the lower bound.
+            in_flight = max(state.load.in_flight, self._ledger.peer(peer_id))
             candidate = Candidate(
                 key=peer_id,
                 node_id=peer_id,
                 local=False,
                 loaded=model.loaded,
-                in_flight=state.load.in_flight + self._ledger.peer(peer_id),
+                in_flight=in_flight,
                 capacity=state.load.capacity,
                 slots=UNBOUNDED if state.load.slots is None else state.load.slots,
                 queued=state.load.queued,
                 hardware_score=state.hardware.score,
-                healthy=peer.view.state is PeerState.ALIVE,
+                healthy=holder.liveness is PeerState.ALIVE,
             )
-            targets.append(PeerTarget(peer, self._peers, model.id, candidate))
+            targets.append(PeerTarget(holder, self._peers, model.id, candidate))
         return targets
 
     def _peer_list(self) -> list[Peer]:
