@@ -31,8 +31,8 @@ def available() -> list[str]:
 
 
 ORDER = [
-    "proxy_overhead", "throughput", "streaming", "routing_quality", "affinity", "failover",
-    "discovery", "cluster_idle", "model_transfer", "engine_tokens",
+    "proxy_overhead", "throughput", "streaming", "routing_quality", "affinity", "overload",
+    "failover", "discovery", "cluster_idle", "model_transfer", "engine_tokens",
 ]  # fmt: skip
 
 

@@ -19,6 +19,12 @@ interval. A full queue, or a deadline passed, is 429 with Retry-After (the sched
 estimate of the wait); a client that leaves while queued leaves the queue at once.
 Requests that started on the hot path hold no ticket: they are in the load the next
 `free()` counts.
+
+A full peer is not waited on as if it were a local backend: its own queue shares its
+slots (weighted fair between its clients and peers' requests), and takes each slot as
+it frees, so a request of ours waiting here for it to look free would wait for ever.
+Requests of ours go to wait in its queue instead, as many as it has slots
+(`PARKED_PER_SLOT`); the rest wait here, and go there as those end.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 
 from shoal.errors import BusyError, QueueFull, QueueTimeout
 from shoal.events import EventBus, PeerStateChanged
+from shoal.routing.rank import UNBOUNDED
 from shoal.routing.router import Target
 from shoal.routing.scheduler import (
     DEFAULT_WEIGHTS,
@@ -46,14 +53,28 @@ log = logging.getLogger(__name__)
 
 PoolKey = tuple[str, ...]
 
+#: A peer's slots are shared out by its own queue, weighted fair between its clients
+#: and peers' requests: a full peer's slot freed goes to its own queue at once, so peers
+#: that only waited for it to look free would never get one (measured: 0 % of the
+#: service against a weight of 30 %). So requests of ours wait in its queue instead,
+#: this many per slot it serves (the rest wait here, in ours): its `peer` class stays
+#: backlogged and gets its share.
+PARKED_PER_SLOT = 1
+
 
 def free_slots(targets: Sequence[Target]) -> int:
-    """Requests the targets could start now: the sum of their free slots."""
+    """Requests the targets could take now: the sum of their free slots, and of the
+    room a full peer has in its queue for requests of ours (`PARKED_PER_SLOT` per slot
+    it serves, less those of ours already there)."""
     free = 0
     for target in targets:
         c = target.candidate
-        if c.healthy and c.in_flight < c.slots:
+        if not c.healthy:
+            continue
+        if c.in_flight < c.slots:
             free += c.slots - c.in_flight
+        elif not c.local and c.slots < UNBOUNDED:
+            free += max(0, PARKED_PER_SLOT * c.slots - c.sent)
     return free
 
 

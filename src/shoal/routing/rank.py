@@ -62,6 +62,9 @@ class Candidate:
     slots: int = UNBOUNDED
     # Requests waiting for a slot there (a peer's advertised queue): work ahead of ours.
     queued: int = 0
+    # Requests this node has sent there that have not ended (a peer's; running there or
+    # waiting in its queue).
+    sent: int = 0
 
     def __post_init__(self) -> None:
         # Bad counts would silently reorder routes; refuse them where they are made.

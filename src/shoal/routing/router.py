@@ -256,6 +256,7 @@ class Router:
                 capacity=state.load.capacity,
                 slots=UNBOUNDED if state.load.slots is None else state.load.slots,
                 queued=state.load.queued,
+                sent=self._ledger.peer(peer_id),
                 hardware_score=state.hardware.score,
                 healthy=holder.liveness is PeerState.ALIVE,
             )
