@@ -177,6 +177,7 @@ class Node:
             max_wait_s=routing.queue_wait_s,
             weights=routing.class_weights,
         )
+        self.own_state.wait = self.queue.estimated_wait_s  # advertised with our load
         self.dispatcher = Dispatcher(
             self.router,
             self.ledger,

@@ -94,6 +94,8 @@ async def test_a_flood_is_served_or_shed_honestly(tmp_path: Path) -> None:
         async with session.get(url + "/healthz") as health:  # the node stays responsive
             assert health.status == 200
         health_s = time.monotonic() - started
+        advertised = node.own_state.snapshot().load  # what peers rank this node by
+        assert advertised.queued >= 10 and advertised.wait_s > 0, advertised
         answers = await asyncio.gather(*flood)
 
     statuses = collections.Counter(status for status, _, _ in answers)

@@ -47,7 +47,7 @@ def sample() -> NodeState:
             ModelAdvert("minilm", False, ("embeddings",)),
             ModelAdvert("smol:q4_1", False, ("completions",), aliases=("org/smol/smol.gguf",)),
         ),
-        load=Load(in_flight=1, queued=0, capacity=2, slots=3),
+        load=Load(in_flight=1, queued=2, capacity=2, slots=3, wait_s=1.5),
         hardware=Hardware(cpu="x", cores=8, ram_bytes=32 << 30, gpu="rtx", vram_bytes=8 << 30),
         peers=(
             Introduction("cd" * 32, "http://10.0.0.3:11450"),
@@ -100,6 +100,9 @@ def test_hardware_score_counts_gpu_memory_most() -> None:
         ("load", {"in_flight": 0, "queued": 0, "capacity": 0}),
         ("load", {"in_flight": 0, "queued": 0, "capacity": 1, "slots": -1}),
         ("load", {"in_flight": 0, "queued": 0, "capacity": 1, "slots": "2"}),
+        ("load", {"in_flight": 0, "queued": 0, "capacity": 1, "wait_s": -1}),
+        ("load", {"in_flight": 0, "queued": 0, "capacity": 1, "wait_s": "1"}),
+        ("load", {"in_flight": 0, "queued": 0, "capacity": 1, "wait_s": True}),
         ("hardware", None),
         ("uptime_s", float("nan")),
     ],

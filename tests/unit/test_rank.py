@@ -46,6 +46,7 @@ def cand(
     healthy: bool = True,
     node: str | None = None,
     queued: int = 0,
+    wait_s: float = 0.0,
 ) -> Candidate:
     return Candidate(
         key=key,
@@ -57,6 +58,7 @@ def cand(
         hardware_score=hw,
         healthy=healthy,
         queued=queued,
+        wait_s=wait_s,
     )
 
 
@@ -231,6 +233,15 @@ def test_without_a_local_candidate_remotes_go_least_loaded_first(local_in_flight
         "weak",
         "busy",
     ]
+
+
+def test_at_equal_load_the_shorter_advertised_wait_goes_first() -> None:
+    for seed in range(20):
+        peers = [
+            cand("slow", in_flight=2, capacity=2, queued=2, wait_s=8.0, hw=9.0),
+            cand("quick", in_flight=2, capacity=2, queued=2, wait_s=1.0),
+        ]
+        assert ranked(peers, "least_loaded", seed=seed) == ["quick", "slow"]
 
 
 # -- least_loaded -----------------------------------------------------------------------

@@ -42,6 +42,7 @@ class OwnState:
         self.boot = secrets.token_hex(8)  # this start of the process
         self.introductions: Callable[[], tuple[Introduction, ...]] = tuple
         self.files: Callable[[], tuple[FileAdvert, ...]] = tuple  # files being pulled
+        self.wait: Callable[[], float] = float  # a new request's queue wait (the queue's)
 
     def snapshot(self) -> NodeState:
         """Models held (loaded wins over available), load as the ledger counts it; `seq`
@@ -64,6 +65,7 @@ class OwnState:
             queued=self._ledger.queued,
             capacity=self._capacity,
             slots=self._slots(),
+            wait_s=round(self.wait(), 1),  # to a tenth: a changing estimate is a change
         )
         peers, files = self.introductions(), self.files()
         # Everything a peer uses but the times (asked for on every beat: no copies).

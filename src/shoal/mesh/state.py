@@ -120,6 +120,8 @@ class Load:
     # Requests its backends can run at once, when all of them say (llama-server slots,
     # the embedded engine's 1); None: some queue by themselves (no limit to wait for).
     slots: int | None = None
+    # Seconds a request queued now would wait, as its queue estimates (0: none queued).
+    wait_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +233,7 @@ def encode_body(state: NodeState) -> bytes:
                 "queued": load.queued,
                 "capacity": load.capacity,
                 **({"slots": load.slots} if load.slots is not None else {}),
+                **({"wait_s": load.wait_s} if load.wait_s else {}),
             },
             "hardware": {
                 "cpu": hardware.cpu,
@@ -370,6 +373,7 @@ def _state(doc: dict[str, Any]) -> NodeState:
             queued=_int(load, "queued", 0, 1 << 30),
             capacity=_int(load, "capacity", 1, 1 << 30),
             slots=None if load.get("slots") is None else _int(load, "slots", 0, 1 << 30),
+            wait_s=_number(load, "wait_s") if "wait_s" in load else 0.0,
         ),
         hardware=Hardware(
             cpu=_text(hardware, "cpu", allow_empty=True),

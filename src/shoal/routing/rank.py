@@ -65,6 +65,8 @@ class Candidate:
     # Requests this node has sent there that have not ended (a peer's; running there or
     # waiting in its queue).
     sent: int = 0
+    # Seconds a request queued there now would wait (a peer's advertised estimate).
+    wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         # Bad counts would silently reorder routes; refuse them where they are made.
@@ -134,11 +136,12 @@ def prefer(order: list[Candidate], key: str) -> list[Candidate]:
 
 
 def _least_loaded(candidates: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
-    """By load, then stronger hardware first, then in random order."""
+    """By load, then the shorter queue wait, then stronger hardware first, then in
+    random order."""
     ordered = list(candidates)
     if len(ordered) > 1:
         rng.shuffle(ordered)  # the sort is stable: exact ties keep this random order
-        ordered.sort(key=lambda c: (c.load, -c.hardware_score))
+        ordered.sort(key=lambda c: (c.load, c.wait_s, -c.hardware_score))
     return ordered
 
 

@@ -257,6 +257,7 @@ class Router:
                 slots=UNBOUNDED if state.load.slots is None else state.load.slots,
                 queued=state.load.queued,
                 sent=self._ledger.peer(peer_id),
+                wait_s=state.load.wait_s,
                 hardware_score=state.hardware.score,
                 healthy=holder.liveness is PeerState.ALIVE,
             )
