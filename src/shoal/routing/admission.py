@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from shoal.errors import BusyError, QueueFull, QueueTimeout
 from shoal.events import EventBus, PeerStateChanged
-from shoal.routing.rank import UNBOUNDED
+from shoal.routing.rank import UNBOUNDED, Candidate
 from shoal.routing.router import Target
 from shoal.routing.scheduler import (
     DEFAULT_WEIGHTS,
@@ -66,16 +66,32 @@ def free_slots(targets: Sequence[Target]) -> int:
     """Requests the targets could take now: the sum of their free slots, and of the
     room a full peer has in its queue for requests of ours (`PARKED_PER_SLOT` per slot
     it serves, less those of ours already there)."""
-    free = 0
-    for target in targets:
-        c = target.candidate
-        if not c.healthy:
-            continue
-        if c.in_flight < c.slots:
-            free += c.slots - c.in_flight
-        elif not c.local and c.slots < UNBOUNDED:
-            free += max(0, PARKED_PER_SLOT * c.slots - c.sent)
-    return free
+    return sum(_free(t.candidate) + _parking(t.candidate) for t in targets)
+
+
+def with_room_first(targets: list[Target]) -> list[Target]:
+    """`targets` in their order, but those with a free slot first, then full peers with
+    room in their queue, then the rest (a request admitted because one target has room
+    goes there, not to a full one the strategy ranks first)."""
+    if len(targets) < 2:
+        return targets  # the usual case: nothing to reorder
+    return sorted(targets, key=_lack_of_room)
+
+
+def _lack_of_room(target: Target) -> int:
+    c = target.candidate
+    return 0 if _free(c) else 1 if _parking(c) else 2
+
+
+def _free(c: Candidate) -> int:
+    return c.slots - c.in_flight if c.healthy and c.in_flight < c.slots else 0
+
+
+def _parking(c: Candidate) -> int:
+    """Room for requests of ours in a full, bounded peer's queue."""
+    if not c.healthy or c.local or c.in_flight < c.slots or c.slots >= UNBOUNDED:
+        return 0
+    return max(0, PARKED_PER_SLOT * c.slots - c.sent)
 
 
 @dataclass(slots=True)

@@ -44,7 +44,7 @@ from shoal.events import (
     Route,
 )
 from shoal.protocol import error_message, usage_counts
-from shoal.routing.admission import AdmissionQueue, PoolKey, free_slots
+from shoal.routing.admission import AdmissionQueue, PoolKey, free_slots, with_room_first
 from shoal.routing.ledger import LoadLedger, Slot
 from shoal.routing.rank import HopPolicy
 from shoal.routing.router import Router, Target
@@ -193,6 +193,7 @@ class Dispatcher:
                     ticket = await self._queued(admission, pool, op, model, policy, cls, weight)
                     targets = self._router.route(op, model, policy)
                     admission.dispatched(pool, ticket)  # the ledger counts it from here on
+                targets = with_room_first(targets)
             opened = await self._open_first(request_id, started, op, model, body, policy, targets)
             try:
                 yield opened
