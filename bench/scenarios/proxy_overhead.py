@@ -96,7 +96,7 @@ def run(quick: bool) -> Result:
             per_round_stat("node", 50),
             higher_is_better=False,
             compare="added",
-            bound=Bound("added", "<=", 0.5),
+            bound=Bound("added", "<=", 0.25),  # DESIGN §11
         ),
         Row(
             "added latency p99, through a node",
@@ -106,7 +106,7 @@ def run(quick: bool) -> Result:
             per_round_stat("node", 99),
             higher_is_better=False,
             compare="added",
-            bound=Bound("added", "<=", 1.0),
+            bound=Bound("added", "<=", 0.5),
         ),
         Row(
             "added latency p50, node + peer hop",
@@ -134,8 +134,8 @@ def run(quick: bool) -> Result:
             per_round_stat("hop", 50),
             higher_is_better=False,
             compare="added",
-            bound=Bound("added", "<=", round(1.0 + rtt_ms, 3)),
-            target=f"1 ms + one round trip ({rtt_ms:.3f} ms)",
+            bound=Bound("added", "<=", round(0.3 + rtt_ms, 3)),
+            target=f"0.3 ms + one round trip ({rtt_ms:.3f} ms)",
         ),
     ]
     for q in (50, 99):

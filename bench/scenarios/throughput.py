@@ -175,15 +175,15 @@ def run(quick: bool) -> Result:
         Row("peak requests/s on one core", "req/s", "aiohttp pass-through", rate(peak, "aiohttp"),
             rate(peak, "shoal")),
         Row("peak requests/s on one core", "req/s", "LiteLLM proxy", rate(peak, "litellm"),
-            rate(peak, "shoal"), bound=Bound("ratio", ">=", 40), missing=missing),
+            rate(peak, "shoal"), bound=Bound("ratio", ">=", 60), missing=missing),
         Row("peak requests/s on one core", "req/s", "nginx reverse proxy", rate(peak, "nginx"),
             rate(peak, "shoal"), missing=nginx_missing),
         Row("CPU per proxied request, at peak", "ms", "nginx reverse proxy", cpu("nginx"),
             cpu("shoal"), higher_is_better=False, missing=nginx_missing),
         Row("CPU per proxied request, at peak", "ms", "aiohttp pass-through", cpu("aiohttp"),
-            cpu("shoal"), higher_is_better=False, bound=Bound("ratio", "<=", 1.7)),
+            cpu("shoal"), higher_is_better=False, bound=Bound("ratio", "<=", 1.2)),
         Row("CPU per proxied request, at peak", "ms", "LiteLLM proxy", cpu("litellm"),
-            cpu("shoal"), higher_is_better=False, bound=Bound("value", "<=", 0.2),
+            cpu("shoal"), higher_is_better=False, bound=Bound("value", "<=", 0.11),
             missing=missing),
     ]  # fmt: skip
     notes.insert(
